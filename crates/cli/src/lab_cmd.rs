@@ -1,0 +1,1 @@
+//! TODO: lab up/down/status/daemon/exec

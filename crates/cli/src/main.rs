@@ -1,0 +1,77 @@
+//! `ferrum`: the command line. Lab lifecycle (`lab_cmd`), Kubernetes objects (`objects_cmd`).
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+mod lab_cmd;
+mod objects_cmd;
+
+#[derive(Parser)]
+#[command(name = "ferrum", version, about = "Ferrum: eBPF pod networking, and a lab cluster to run it in")]
+struct Cli {
+    /// Which lab to talk to when several exist.
+    #[arg(long, global = true, env = "FERRUM_LAB", default_value = "ferrum")]
+    name: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, inspect and remove lab clusters.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Create or replace objects from multi-document YAML (`-f FILE` or `-f -`).
+    Apply(objects_cmd::ApplyArgs),
+    /// Delete the objects named in multi-document YAML.
+    Delete(objects_cmd::ApplyArgs),
+    /// List objects: pods, services, networkpolicies, namespaces, nodes.
+    Get(objects_cmd::GetArgs),
+    /// Run a command inside a pod's network namespace; its exit code is passed through.
+    Exec(lab_cmd::ExecArgs),
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build a lab cluster; returns when every node is Ready.
+    Up(lab_cmd::UpArgs),
+    /// Remove a lab: namespaces, links, bpffs pins, processes, state.
+    Down,
+    /// Show the lab's profile, nodes and external host.
+    Status(lab_cmd::StatusArgs),
+    /// (internal) The lab's control-plane daemon; started by `lab up`.
+    #[command(hide = true)]
+    Daemon,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<i32> = match cli.command {
+        Command::Lab { command } => match command {
+            LabCommand::Up(a) => lab_cmd::up(&cli.name, a).map(|_| 0),
+            LabCommand::Down => lab_cmd::down(&cli.name).map(|_| 0),
+            LabCommand::Status(a) => lab_cmd::status(&cli.name, a).map(|_| 0),
+            LabCommand::Daemon => lab_cmd::daemon(&cli.name).map(|_| 0),
+        },
+        Command::Apply(a) => objects_cmd::apply(&cli.name, a).map(|_| 0),
+        Command::Delete(a) => objects_cmd::delete(&cli.name, a).map(|_| 0),
+        Command::Get(a) => objects_cmd::get(&cli.name, a).map(|_| 0),
+        Command::Exec(a) => lab_cmd::exec(&cli.name, a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The kernel edge: everything that talks to the kernel (bpf syscalls, netlink, network
+//! namespaces) lives here behind narrow APIs, so the logic crates stay pure.
+
+pub mod bpf;
+pub mod link;
+pub mod netns;
