@@ -1,0 +1,47 @@
+//! How an agent learns the cluster's state and reports back what it has realized.
+
+use serde::{Deserialize, Serialize};
+
+use crate::object::Object;
+
+/// One change in the watched state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum WatchEvent {
+    /// An object was created or replaced (the whole new object).
+    Upsert { object: Object },
+    /// An object was removed (its last known state).
+    Delete { object: Object },
+    /// Every change up to and including `revision` has been delivered. The first `Synced`
+    /// after connecting closes the initial listing.
+    Synced { revision: u64 },
+}
+
+/// What an agent tells the control plane about its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    pub node: String,
+    /// The agent can serve CNI requests (datapath loaded, pod CIDR known).
+    pub ready: bool,
+    /// Every change up to this revision is in the node's datapath.
+    pub realized_revision: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source disconnected: {0}")]
+    Disconnected(String),
+    #[error("source protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A blocking stream of cluster changes. Implementations reconnect on their own where they can
+/// and then start again with a full listing (Upserts, then Synced), so consumers must treat
+/// the listing after a reconnect as the complete state.
+pub trait Source: Send {
+    fn next_event(&mut self) -> Result<WatchEvent, SourceError>;
+    fn report(&mut self, report: &AgentReport) -> Result<(), SourceError>;
+}
