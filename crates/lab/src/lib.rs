@@ -11,6 +11,7 @@ pub mod client;
 pub mod controlplane;
 pub mod daemon;
 pub mod fabric;
+pub mod network_profile;
 pub mod profile;
 pub mod runtime;
 pub mod server;
