@@ -1,1 +1,504 @@
-//! TODO
+//! The lab's network profile: the cluster's address plan (the `az aks create` network options),
+//! its defaults, validation with errors that name the option, and its file (`profile.json`).
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// The external host's address (TEST-NET-3, so it never collides with a real network).
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The fabric's side of the link to the external host.
+pub const EXTERNAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The external link's prefix length.
+pub const EXTERNAL_PREFIX_LEN: u8 = 24;
+/// Node i gets the node subnet's address number `NODE_IP_OFFSET + i` (the router is number 1).
+pub const NODE_IP_OFFSET: u32 = 10;
+pub const MAX_NODES: u32 = 64;
+pub const MIN_MAX_PODS: u32 = 10;
+pub const MAX_MAX_PODS: u32 = 250;
+/// Each node's pod CIDR in overlay mode.
+pub const NODE_POD_PREFIX_LEN: u8 = 24;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkPluginMode {
+    Overlay,
+    Vnet,
+}
+
+impl std::str::FromStr for NetworkPluginMode {
+    type Err = ProfileError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "overlay" => Ok(Self::Overlay),
+            "vnet" => Ok(Self::Vnet),
+            other => Err(ProfileError::Invalid {
+                option: "network-plugin-mode",
+                reason: format!("{other:?} is not a mode; use overlay or vnet"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkPluginMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Overlay => "overlay",
+            Self::Vnet => "vnet",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("invalid --{option}: {reason}")]
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
+    #[error("vnet mode is not available yet: use --network-plugin-mode overlay")]
+    VnetNotAvailable,
+    #[error("cannot read lab profile {path}: {source} (is the lab up?)")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("lab profile {path} is corrupt: {source}; remove the lab with `ferrum lab down`")]
+    Corrupt {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("cannot write lab profile {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Everything that describes a lab's network; written to `profile.json` at `lab up` and read by
+/// the daemon and `lab status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkProfile {
+    pub network_plugin_mode: NetworkPluginMode,
+    pub nodes: u32,
+    pub pod_cidr: Ipv4Net,
+    pub service_cidr: Ipv4Net,
+    pub dns_service_ip: Ipv4Addr,
+    pub max_pods: u32,
+    pub vnet_cidr: Ipv4Net,
+    pub node_subnet: Ipv4Net,
+    /// VNet mode only: the subnet pods take their addresses from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_subnet: Option<Ipv4Net>,
+}
+
+fn net(s: &str) -> Ipv4Net {
+    // Only called on the literals below, which are valid.
+    s.parse().unwrap_or_default()
+}
+
+impl Default for NetworkProfile {
+    /// AKS's defaults for overlay clusters, scaled to a 2-node lab.
+    fn default() -> Self {
+        Self {
+            network_plugin_mode: NetworkPluginMode::Overlay,
+            nodes: 2,
+            pod_cidr: net("10.244.0.0/16"),
+            service_cidr: net("10.0.0.0/16"),
+            dns_service_ip: Ipv4Addr::new(10, 0, 0, 10),
+            max_pods: MAX_MAX_PODS,
+            vnet_cidr: net("10.224.0.0/12"),
+            node_subnet: net("10.224.0.0/16"),
+            pod_subnet: None,
+        }
+    }
+}
+
+fn invalid(option: &'static str, reason: String) -> ProfileError {
+    ProfileError::Invalid { option, reason }
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Parses a CIDR that must be written in canonical form (no host bits set), naming the option.
+pub fn parse_cidr(option: &'static str, s: &str) -> Result<Ipv4Net, ProfileError> {
+    let parsed: Ipv4Net = s
+        .parse()
+        .map_err(|_| invalid(option, format!("{s:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
+    if parsed.trunc() != parsed {
+        return Err(invalid(
+            option,
+            format!("{s} has host bits set; did you mean {}?", parsed.trunc()),
+        ));
+    }
+    Ok(parsed)
+}
+
+pub fn parse_ip(option: &'static str, s: &str) -> Result<Ipv4Addr, ProfileError> {
+    s.parse()
+        .map_err(|_| invalid(option, format!("{s:?} is not an IPv4 address")))
+}
+
+impl NetworkProfile {
+    /// Checks the whole plan; the error names the option to change.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        if self.network_plugin_mode == NetworkPluginMode::Vnet {
+            return Err(ProfileError::VnetNotAvailable);
+        }
+        if self.pod_subnet.is_some() {
+            return Err(invalid(
+                "pod-subnet",
+                "a pod subnet applies only to --network-plugin-mode vnet".into(),
+            ));
+        }
+        if !(1..=MAX_NODES).contains(&self.nodes) {
+            return Err(invalid(
+                "nodes",
+                format!("{} is out of range; use 1..={MAX_NODES}", self.nodes),
+            ));
+        }
+        if !(MIN_MAX_PODS..=MAX_MAX_PODS).contains(&self.max_pods) {
+            return Err(invalid(
+                "max-pods",
+                format!(
+                    "{} is out of range; use {MIN_MAX_PODS}..={MAX_MAX_PODS}",
+                    self.max_pods
+                ),
+            ));
+        }
+        for (option, cidr) in [
+            ("pod-cidr", &self.pod_cidr),
+            ("service-cidr", &self.service_cidr),
+            ("vnet-cidr", &self.vnet_cidr),
+            ("node-subnet", &self.node_subnet),
+        ] {
+            if cidr.trunc() != *cidr {
+                return Err(invalid(option, format!("{cidr} has host bits set")));
+            }
+        }
+        // Pod CIDR: one /24 per node.
+        if self.pod_cidr.prefix_len() > NODE_POD_PREFIX_LEN {
+            return Err(invalid(
+                "pod-cidr",
+                format!(
+                    "{} is smaller than one node's /{NODE_POD_PREFIX_LEN}",
+                    self.pod_cidr
+                ),
+            ));
+        }
+        let blocks = 1u64 << (NODE_POD_PREFIX_LEN - self.pod_cidr.prefix_len());
+        if blocks < u64::from(self.nodes) {
+            return Err(invalid(
+                "pod-cidr",
+                format!(
+                    "{} holds {blocks} /{NODE_POD_PREFIX_LEN} node blocks, but {} nodes need one each",
+                    self.pod_cidr, self.nodes
+                ),
+            ));
+        }
+        // Node subnet: the router (.1) plus the nodes from NODE_IP_OFFSET, below broadcast.
+        let hosts = 1u64 << (32 - u32::from(self.node_subnet.prefix_len()));
+        if hosts < u64::from(NODE_IP_OFFSET + self.nodes) + 1 {
+            return Err(invalid(
+                "node-subnet",
+                format!(
+                    "{} is too small for {} nodes (they take addresses from .{NODE_IP_OFFSET})",
+                    self.node_subnet, self.nodes
+                ),
+            ));
+        }
+        if !self.vnet_cidr.contains(&self.node_subnet) {
+            return Err(invalid(
+                "node-subnet",
+                format!(
+                    "{} is not inside the VNet {} (--vnet-cidr)",
+                    self.node_subnet, self.vnet_cidr
+                ),
+            ));
+        }
+        let external = Ipv4Net::new(EXTERNAL_GATEWAY, EXTERNAL_PREFIX_LEN)
+            .map(|n| n.trunc())
+            .unwrap_or_default();
+        for (option, cidr) in [
+            ("pod-cidr", &self.pod_cidr),
+            ("service-cidr", &self.service_cidr),
+            ("vnet-cidr", &self.vnet_cidr),
+        ] {
+            if overlaps(cidr, &external) {
+                return Err(invalid(
+                    option,
+                    format!("{cidr} overlaps the external host's network {external}"),
+                ));
+            }
+        }
+        if overlaps(&self.pod_cidr, &self.vnet_cidr) {
+            return Err(invalid(
+                "pod-cidr",
+                format!(
+                    "{} overlaps the VNet {} (node subnet {})",
+                    self.pod_cidr, self.vnet_cidr, self.node_subnet
+                ),
+            ));
+        }
+        if overlaps(&self.pod_cidr, &self.service_cidr) {
+            return Err(invalid(
+                "pod-cidr",
+                format!(
+                    "{} overlaps the service CIDR {}",
+                    self.pod_cidr, self.service_cidr
+                ),
+            ));
+        }
+        if overlaps(&self.service_cidr, &self.vnet_cidr) {
+            return Err(invalid(
+                "service-cidr",
+                format!(
+                    "{} overlaps the VNet {}",
+                    self.service_cidr, self.vnet_cidr
+                ),
+            ));
+        }
+        if !self.service_cidr.contains(&self.dns_service_ip)
+            || self.dns_service_ip == self.service_cidr.network()
+            || self.dns_service_ip == self.service_cidr.broadcast()
+        {
+            return Err(invalid(
+                "dns-service-ip",
+                format!(
+                    "{} must be a usable address inside the service CIDR {}",
+                    self.dns_service_ip, self.service_cidr
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        (0..self.nodes).map(node_name).collect()
+    }
+
+    /// The fabric router's address on the node subnet (every node's default gateway).
+    pub fn router_ip(&self) -> Ipv4Addr {
+        nth_address(self.node_subnet, 1)
+    }
+
+    pub fn node_ip(&self, index: u32) -> Ipv4Addr {
+        nth_address(self.node_subnet, NODE_IP_OFFSET + index)
+    }
+
+    /// Node `index`'s pod CIDR: the index-th /24 of the cluster pod CIDR.
+    pub fn node_pod_cidr(&self, index: u32) -> Ipv4Net {
+        let step = 1u32 << (32 - u32::from(NODE_POD_PREFIX_LEN));
+        let base = u32::from(self.pod_cidr.network()).wrapping_add(index.wrapping_mul(step));
+        Ipv4Net::new(Ipv4Addr::from(base), NODE_POD_PREFIX_LEN).unwrap_or_default()
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ProfileError::Corrupt {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Writes the profile atomically (temp file + rename).
+    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
+        let write_err = |source| ProfileError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = serde_json::to_string_pretty(self).map_err(|e| write_err(e.into()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text + "\n").map_err(write_err)?;
+        std::fs::rename(&tmp, path).map_err(write_err)
+    }
+}
+
+pub fn node_name(index: u32) -> String {
+    format!("node-{index}")
+}
+
+fn nth_address(subnet: Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_of(p: &NetworkProfile) -> String {
+        match p.validate() {
+            Ok(()) => panic!("{p:?} accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_lay_out_nodes() {
+        let p = NetworkProfile::default();
+        p.validate().unwrap();
+        assert_eq!(p.node_names(), ["node-0", "node-1"]);
+        assert_eq!(p.router_ip(), Ipv4Addr::new(10, 224, 0, 1));
+        assert_eq!(p.node_ip(0), Ipv4Addr::new(10, 224, 0, 10));
+        assert_eq!(p.node_ip(1), Ipv4Addr::new(10, 224, 0, 11));
+        assert_eq!(p.node_pod_cidr(0), net("10.244.0.0/24"));
+        assert_eq!(p.node_pod_cidr(1), net("10.244.1.0/24"));
+    }
+
+    #[test]
+    fn ranges_are_enforced() {
+        for (nodes, ok) in [(0, false), (1, true), (64, true), (65, false)] {
+            let p = NetworkProfile {
+                nodes,
+                ..Default::default()
+            };
+            assert_eq!(p.validate().is_ok(), ok, "nodes={nodes}");
+        }
+        for (max_pods, ok) in [(9, false), (10, true), (250, true), (251, false)] {
+            let p = NetworkProfile {
+                max_pods,
+                ..Default::default()
+            };
+            assert_eq!(p.validate().is_ok(), ok, "max_pods={max_pods}");
+        }
+        let p = NetworkProfile {
+            nodes: 65,
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--nodes"));
+    }
+
+    #[test]
+    fn pod_cidr_must_fit_every_node() {
+        let p = NetworkProfile {
+            nodes: 5,
+            pod_cidr: net("10.244.0.0/22"),
+            ..Default::default()
+        };
+        let e = err_of(&p);
+        assert!(e.contains("--pod-cidr") && e.contains("4 /24"), "{e}");
+        let p = NetworkProfile {
+            nodes: 4,
+            pod_cidr: net("10.244.0.0/22"),
+            ..Default::default()
+        };
+        p.validate().unwrap();
+        let p = NetworkProfile {
+            nodes: 1,
+            pod_cidr: net("10.244.0.0/25"),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--pod-cidr"));
+    }
+
+    #[test]
+    fn overlaps_are_refused() {
+        let p = NetworkProfile {
+            pod_cidr: net("10.224.0.0/16"),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--pod-cidr"));
+        let p = NetworkProfile {
+            pod_cidr: net("10.0.0.0/8"),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--pod-cidr"));
+        let p = NetworkProfile {
+            service_cidr: net("10.244.128.0/20"),
+            dns_service_ip: Ipv4Addr::new(10, 244, 128, 10),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("overlaps the service CIDR"));
+        let p = NetworkProfile {
+            service_cidr: net("203.0.113.0/24"),
+            dns_service_ip: Ipv4Addr::new(203, 0, 113, 53),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("external"));
+    }
+
+    #[test]
+    fn dns_ip_must_be_in_service_cidr() {
+        let p = NetworkProfile {
+            dns_service_ip: Ipv4Addr::new(10, 1, 0, 10),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--dns-service-ip"));
+        let p = NetworkProfile {
+            dns_service_ip: Ipv4Addr::new(10, 0, 0, 0),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--dns-service-ip"));
+    }
+
+    #[test]
+    fn node_subnet_must_fit_and_sit_in_vnet() {
+        let p = NetworkProfile {
+            node_subnet: net("10.224.0.0/28"),
+            nodes: 6,
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--node-subnet"));
+        let p = NetworkProfile {
+            node_subnet: net("10.100.0.0/16"),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("not inside the VNet"));
+    }
+
+    #[test]
+    fn vnet_mode_and_pod_subnet_are_refused_clearly() {
+        let p = NetworkProfile {
+            network_plugin_mode: NetworkPluginMode::Vnet,
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("vnet mode is not available yet"));
+        let p = NetworkProfile {
+            pod_subnet: Some(net("10.225.0.0/16")),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--pod-subnet"));
+        assert!("bogus".parse::<NetworkPluginMode>().is_err());
+    }
+
+    #[test]
+    fn cidr_parsing_names_the_option() {
+        assert!(
+            parse_cidr("pod-cidr", "10.244.0.0/33")
+                .unwrap_err()
+                .to_string()
+                .contains("--pod-cidr")
+        );
+        let e = parse_cidr("pod-cidr", "10.244.0.1/16").unwrap_err().to_string();
+        assert!(e.contains("10.244.0.0/16"), "{e}");
+        assert!(parse_ip("dns-service-ip", "10.0.0.300").is_err());
+    }
+
+    #[test]
+    fn profile_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("profile.json");
+        let p = NetworkProfile {
+            nodes: 3,
+            ..Default::default()
+        };
+        p.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"podCidr\": \"10.244.0.0/16\""), "{text}");
+        assert!(text.contains("\"networkPluginMode\": \"overlay\""), "{text}");
+        assert_eq!(NetworkProfile::load(&path).unwrap(), p);
+        std::fs::write(&path, "{").unwrap();
+        assert!(matches!(
+            NetworkProfile::load(&path),
+            Err(ProfileError::Corrupt { .. })
+        ));
+    }
+}

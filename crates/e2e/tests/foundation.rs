@@ -1,0 +1,254 @@
+//! End-to-end tests of the foundation: pods talking on one node, across nodes (VXLAN), to the
+//! external host (SNAT to the node IP), node <-> pods, the datapath outliving its agent, bad
+//! input, and `lab down` leaving nothing behind. Each test builds its own lab.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ferrum_datapath::netns::run_in_netns;
+use ferrum_e2e::{Lab, pod_yaml};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connects from inside `netns` to ip:port and returns what the server wrote.
+fn tcp_read(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
+    run_in_netns(netns, move || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), TIMEOUT)
+            .with_context(|| format!("connect {ip}:{port}"))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })?
+}
+
+/// Sends one datagram from inside `netns` and returns the answer.
+fn udp_ask(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
+    run_in_netns(netns, move || -> Result<String> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.send_to(b"hello", (ip, port))?;
+        let mut buf = [0u8; 512];
+        let (n, _) = s.recv_from(&mut buf).context("no UDP answer")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })?
+}
+
+fn node_ip(lab: &Lab, node: &str) -> Result<Ipv4Addr> {
+    let status = lab.status()?;
+    let nodes = status["nodes"].as_array().context("status.nodes")?;
+    let n = nodes
+        .iter()
+        .find(|n| n["name"] == node)
+        .with_context(|| format!("node {node} not in status"))?;
+    n["ip"].as_str().context("node ip")?.parse().context("node ip")
+}
+
+#[test]
+fn pods_reach_each_other_on_one_node_and_across_nodes() -> Result<()> {
+    let lab = Lab::up(2, &[])?;
+    let yaml = [
+        pod_yaml("default", "a", "node-0"),
+        pod_yaml("default", "b", "node-0"),
+        pod_yaml("default", "c", "node-1"),
+    ]
+    .join("---\n");
+    lab.apply(&yaml)?;
+    let (a, b, c) = (
+        lab.pod_ip("default", "a")?,
+        lab.pod_ip("default", "b")?,
+        lab.pod_ip("default", "c")?,
+    );
+    assert_ne!(a, b);
+    let a_ns = lab.pod_netns("default", "a")?;
+    let c_ns = lab.pod_netns("default", "c")?;
+
+    // Same node: redirected veth to veth.
+    assert_eq!(tcp_read(&a_ns, b, 80)?, "b\n");
+    assert_eq!(udp_ask(&a_ns, b, 53)?.trim(), "b");
+    // Across nodes: VXLAN, both directions.
+    assert_eq!(tcp_read(&a_ns, c, 80)?, "c\n");
+    assert_eq!(tcp_read(&c_ns, a, 80)?, "a\n");
+    assert_eq!(udp_ask(&c_ns, b, 53)?.trim(), "b");
+    // Node to its own pods and to pods on other nodes.
+    assert_eq!(tcp_read(&lab.node_netns("node-0"), a, 80)?, "a\n");
+    assert_eq!(tcp_read(&lab.node_netns("node-0"), c, 80)?, "c\n");
+    assert_eq!(tcp_read(&lab.node_netns("node-1"), b, 80)?, "b\n");
+    // `ferrum exec` runs the command in the pod's namespace and passes its exit code through.
+    let (code, out) = lab.exec("default", "a", &["nc", "-w", "3", &c.to_string(), "80"])?;
+    assert_eq!((code, out.as_str()), (0, "c\n"));
+    let (code, _) = lab.exec("default", "a", &["sh", "-c", "exit 7"])?;
+    assert_eq!(code, 7);
+    Ok(())
+}
+
+#[test]
+fn pod_traffic_to_the_external_host_leaves_with_the_node_ip() -> Result<()> {
+    let lab = Lab::up(2, &[])?;
+    lab.apply(&[pod_yaml("default", "a", "node-1")].join("---\n"))?;
+    let a_ns = lab.pod_netns("default", "a")?;
+    let ext_ip: Ipv4Addr = lab.status()?["external"]["ip"]
+        .as_str()
+        .context("external ip")?
+        .parse()?;
+
+    // A server on the external host that reports the source address it sees.
+    let listener = run_in_netns(&lab.external_netns(), move || {
+        TcpListener::bind((ext_ip, 8080))
+    })??;
+    let server = std::thread::spawn(move || -> Result<SocketAddr> {
+        let (mut s, peer) = listener.accept()?;
+        s.write_all(b"external\n")?;
+        Ok(peer)
+    });
+    assert_eq!(tcp_read(&a_ns, ext_ip, 8080)?, "external\n");
+    let peer = server.join().expect("server thread")?;
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(node_ip(&lab, "node-1")?));
+    assert_ne!(peer.ip(), std::net::IpAddr::V4(lab.pod_ip("default", "a")?));
+
+    // UDP too: an echo from the external host comes back to the pod through reverse SNAT.
+    let udp = run_in_netns(&lab.external_netns(), move || UdpSocket::bind((ext_ip, 5353)))??;
+    let echo = std::thread::spawn(move || -> Result<SocketAddr> {
+        let mut buf = [0u8; 64];
+        let (n, peer) = udp.recv_from(&mut buf)?;
+        udp.send_to(&buf[..n], peer)?;
+        Ok(peer)
+    });
+    assert_eq!(udp_ask(&a_ns, ext_ip, 5353)?, "hello");
+    let peer = echo.join().expect("echo thread")?;
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(node_ip(&lab, "node-1")?));
+    Ok(())
+}
+
+fn agent_pid(lab: &Lab, node: &str) -> Result<i32> {
+    let status = lab.status()?;
+    let n = status["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["name"] == node).cloned())
+        .context("node in status")?;
+    Ok(n["agentPid"].as_i64().context("agentPid")? as i32)
+}
+
+#[test]
+fn connections_survive_an_agent_kill_and_the_restarted_agent_serves_new_pods() -> Result<()> {
+    let lab = Lab::up(2, &[])?;
+    lab.apply(&[pod_yaml("default", "a", "node-0"), pod_yaml("default", "b", "node-1")].join("---\n"))?;
+    let b_ip = lab.pod_ip("default", "b")?;
+    let a_ns = lab.pod_netns("default", "a")?;
+    let b_ns = lab.pod_netns("default", "b")?;
+
+    // A long-lived TCP connection a -> b (an echo server the test runs in b's namespace).
+    let listener = run_in_netns(&b_ns, move || TcpListener::bind((b_ip, 7000)))??;
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut conn = run_in_netns(&a_ns, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((b_ip, 7000)), TIMEOUT)
+    })??;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    let mut roundtrip = |msg: &[u8]| -> Result<()> {
+        conn.write_all(msg)?;
+        let mut buf = vec![0u8; msg.len()];
+        conn.read_exact(&mut buf)?;
+        if buf != msg {
+            bail!("echo mismatch");
+        }
+        Ok(())
+    };
+    roundtrip(b"before")?;
+
+    let old = [agent_pid(&lab, "node-0")?, agent_pid(&lab, "node-1")?];
+    for pid in old {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    }
+    // With both agents dead the datapath keeps forwarding.
+    roundtrip(b"agents down")?;
+
+    // The lab restarts agents (as a DaemonSet would); wait for new ones.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = [agent_pid(&lab, "node-0")?, agent_pid(&lab, "node-1")?];
+        let ready = lab.status()?["nodes"]
+            .as_array()
+            .is_some_and(|ns| ns.iter().all(|n| n["ready"] == true));
+        if now[0] != old[0] && now[1] != old[1] && ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("agents were not restarted: {now:?} (killed {old:?})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    roundtrip(b"agents back")?;
+
+    // New pods work with the restarted agents, on both nodes, and reach the old ones.
+    lab.apply(&[pod_yaml("default", "c", "node-0"), pod_yaml("default", "d", "node-1")].join("---\n"))?;
+    let c_ns = lab.pod_netns("default", "c")?;
+    assert_eq!(tcp_read(&c_ns, lab.pod_ip("default", "d")?, 80)?, "d\n");
+    assert_eq!(tcp_read(&c_ns, lab.pod_ip("default", "a")?, 80)?, "a\n");
+    assert_eq!(tcp_read(&a_ns, lab.pod_ip("default", "c")?, 80)?, "c\n");
+    roundtrip(b"still")?;
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_half_created() -> Result<()> {
+    let lab = Lab::up(1, &[])?;
+    // Not Kubernetes YAML at all.
+    let out = lab.ferrum(&["apply", "-f", "-"], Some("this: [is not"))?;
+    assert!(!out.status.success());
+    // An unknown kind in a batch with a valid pod: the valid pod is not created either.
+    let batch = format!(
+        "{}---\napiVersion: v1\nkind: Gadget\nmetadata:\n  name: x\n",
+        pod_yaml("default", "ok", "node-0")
+    );
+    let out = lab.ferrum(&["apply", "-f", "-"], Some(&batch))?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Gadget"), "error should name the kind: {err}");
+    // A pod pinned to a node that does not exist.
+    let out = lab.ferrum(&["apply", "-f", "-"], Some(&pod_yaml("default", "lost", "node-9")))?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node-9"), "error should name the node: {err}");
+    let pods = lab.ferrum_ok(&["get", "pods", "-A", "-o", "json"])?;
+    let pods: serde_json::Value = serde_json::from_str(&pods)?;
+    assert_eq!(pods["items"].as_array().map(Vec::len), Some(0), "{pods}");
+    Ok(())
+}
+
+#[test]
+fn lab_down_leaves_nothing_behind() -> Result<()> {
+    let lab = Lab::up(2, &[])?;
+    lab.apply(&pod_yaml("default", "a", "node-1"))?;
+    let paths = lab.paths.clone();
+    let agent = agent_pid(&lab, "node-0")?;
+    drop(lab);
+    let netns: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&paths.netns_prefix()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(netns.is_empty(), "namespaces left: {netns:?}");
+    for dir in [&paths.state_dir, &paths.run_dir, &paths.bpf_dir] {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    assert!(
+        !Path::new(&format!("/proc/{agent}")).exists(),
+        "agent {agent} still running"
+    );
+    Ok(())
+}
