@@ -11,9 +11,6 @@ use std::path::{Path, PathBuf};
 
 use nix::sched::{CloneFlags, setns};
 
-/// statfs(2) f_type of nsfs, the filesystem that backs /proc/PID/ns/* and their bind mounts.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error(
@@ -23,7 +20,9 @@ pub enum NetnsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot join network namespace {path}: {source} (is {path} a network namespace, and are we root?)")]
+    #[error(
+        "cannot join network namespace {path}: {source} (is {path} a network namespace, and are we root?)"
+    )]
     Join { path: PathBuf, source: nix::Error },
     #[error("cannot start a thread to work in network namespace {path}: {source}")]
     Spawn {
@@ -74,7 +73,8 @@ pub fn enter_netns(path: &Path) -> Result<(), NetnsError> {
 /// /run/netns/X whose bind mount is gone is left behind as an empty regular file.
 pub fn netns_exists(path: &Path) -> bool {
     match nix::sys::statfs::statfs(path) {
-        Ok(fs) => i64::from(fs.filesystem_type().0) == NSFS_MAGIC,
+        // nsfs backs /proc/PID/ns/* and their bind mounts.
+        Ok(fs) => fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC,
         Err(_) => false,
     }
 }
@@ -138,7 +138,11 @@ mod tests {
         let inside = run_in_netns(&ns.path(), current_netns_inode).expect("run in netns");
         assert_eq!(inside, target, "closure must run in the target namespace");
         assert_ne!(inside, before);
-        assert_eq!(current_netns_inode(), before, "caller must stay where it was");
+        assert_eq!(
+            current_netns_inode(),
+            before,
+            "caller must stay where it was"
+        );
     }
 
     #[test]

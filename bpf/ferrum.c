@@ -1,0 +1,581 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Ferrum datapath: tc (tcx) programs for pod veths, the VXLAN overlay device and the uplink.
+ * Overlay mode, IPv4 only. */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <stddef.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "ferrum.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+_Static_assert(sizeof(struct ferrum_config) == FERRUM_CONFIG_SIZE, "ferrum_config layout");
+_Static_assert(sizeof(struct ferrum_endpoint) == FERRUM_ENDPOINT_SIZE, "ferrum_endpoint layout");
+_Static_assert(sizeof(struct ferrum_ipcache_value) == FERRUM_IPCACHE_VALUE_SIZE, "ipcache layout");
+_Static_assert(sizeof(struct ferrum_nat_key) == FERRUM_NAT_KEY_SIZE, "nat key layout");
+_Static_assert(sizeof(struct ferrum_nat_value) == FERRUM_NAT_VALUE_SIZE, "nat value layout");
+_Static_assert(sizeof(struct ferrum_event) == FERRUM_EVENT_SIZE, "event layout");
+
+#define NAT_PORT_TRIES 32
+#define TUNNEL_TTL 64
+#define ARP_HLEN 28
+#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ferrum_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct ferrum_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_ipcache_key);
+	__type(value, struct ferrum_ipcache_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ferrum_nat_key);
+	__type(value, struct ferrum_nat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ferrum_nat_key);
+	__type(value, struct ferrum_nat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_nat_rev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_events SEC(".maps");
+
+/* linux/icmp.h drags in libc headers that do not exist for the BPF target. */
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO 8
+struct icmp_echo_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 id;
+	__be16 sequence;
+};
+
+struct arp_eth_ipv4 {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[ETH_ALEN];
+	__u8 sip[4];
+	__u8 tha[ETH_ALEN];
+	__u8 tip[4];
+} __attribute__((packed));
+
+/* What the programs need to know about an IPv4 packet. */
+struct flow {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport; /* TCP/UDP port, ICMP echo id (network order) */
+	__u16 dport;
+	__u8 proto;
+	__u8 has_ports; /* TCP, UDP or ICMP echo/reply with an identifier we can translate */
+	__u8 icmp_type;
+	__u32 l4_off;
+};
+
+static __always_inline struct ferrum_config *config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&ferrum_config, &zero);
+}
+
+static __always_inline int in_prefix(__u32 addr, __u32 net, __u32 prefix_len)
+{
+	__u32 mask;
+	if (prefix_len == 0)
+		return 1;
+	if (prefix_len > 32)
+		return 0;
+	mask = bpf_htonl(0xffffffffU << (32 - prefix_len));
+	return (addr & mask) == (net & mask);
+}
+
+static __always_inline void emit(struct __sk_buff *skb, __u8 kind, __u8 reason,
+				 const struct flow *f, __u32 tunnel, __u32 nat_addr, __u16 nat_port)
+{
+	struct ferrum_event ev = {};
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.kind = kind;
+	ev.reason = reason;
+	ev.ifindex = skb->ifindex;
+	if (f) {
+		ev.proto = f->proto;
+		ev.saddr = f->saddr;
+		ev.daddr = f->daddr;
+		ev.sport = f->sport;
+		ev.dport = f->dport;
+	}
+	ev.tunnel_endpoint = tunnel;
+	ev.nat_addr = nat_addr;
+	ev.nat_port = nat_port;
+	/* A full ring loses the event, never the packet. */
+	bpf_ringbuf_output(&ferrum_events, &ev, sizeof(ev), 0);
+}
+
+static __always_inline int drop(struct __sk_buff *skb, __u8 reason, const struct flow *f)
+{
+	emit(skb, FERRUM_EVENT_DROP, reason, f, 0, 0, 0);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline void trace(struct __sk_buff *skb, const struct ferrum_config *cfg, __u8 point,
+				  const struct flow *f, __u32 tunnel, __u32 nat_addr, __u16 nat_port)
+{
+	if (cfg && (cfg->flags & FERRUM_FLAG_TRACE))
+		emit(skb, FERRUM_EVENT_TRACE, point, f, tunnel, nat_addr, nat_port);
+}
+
+/* Parses Ethernet + IPv4 (+ ports). Returns 0 on success, -1 when not IPv4, -2 malformed. */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 ihl;
+
+	if ((void *)(eth + 1) > data_end)
+		return -2;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	if ((void *)(ip + 1) > data_end)
+		return -2;
+	ihl = ip->ihl * 4;
+	if (ip->version != 4 || ihl < sizeof(struct iphdr))
+		return -2;
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->proto = ip->protocol;
+	f->sport = 0;
+	f->dport = 0;
+	f->has_ports = 0;
+	f->icmp_type = 0;
+	f->l4_off = ETH_HLEN + ihl;
+	/* Only first fragments (or unfragmented packets) carry the L4 header. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0;
+	if (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP) {
+		__u16 ports[2];
+		if (bpf_skb_load_bytes(skb, f->l4_off, ports, sizeof(ports)) < 0)
+			return -2;
+		f->sport = ports[0];
+		f->dport = ports[1];
+		f->has_ports = 1;
+	} else if (f->proto == IPPROTO_ICMP) {
+		struct icmp_echo_hdr icmp;
+		if (bpf_skb_load_bytes(skb, f->l4_off, &icmp, sizeof(icmp)) < 0)
+			return -2;
+		f->icmp_type = icmp.type;
+		if (icmp.type == ICMP_ECHO || icmp.type == ICMP_ECHOREPLY) {
+			f->has_ports = 1;
+			/* The echo id plays the port on the host that sent the request. */
+			if (icmp.type == ICMP_ECHO)
+				f->sport = icmp.id;
+			else
+				f->dport = icmp.id;
+		}
+	}
+	return 0;
+}
+
+/* Delivers to a local pod: MACs as if routed by the host veth, then straight into the pod's netns. */
+static __always_inline int to_endpoint(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				       const struct ferrum_endpoint *ep, const struct flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(skb, FERRUM_DROP_MALFORMED, f);
+	__builtin_memcpy(eth->h_dest, ep->pod_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, ep->host_mac, ETH_ALEN);
+	trace(skb, cfg, FERRUM_TRACE_TO_ENDPOINT, f, 0, 0, 0);
+	return bpf_redirect_peer(ep->ifindex, 0);
+}
+
+static __always_inline int set_tunnel(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				      __u32 tunnel_endpoint)
+{
+	struct bpf_tunnel_key key = {};
+	key.remote_ipv4 = bpf_ntohl(tunnel_endpoint);
+	key.tunnel_id = cfg->vni;
+	key.tunnel_ttl = TUNNEL_TTL;
+	return bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX);
+}
+
+static __always_inline int macs_equal(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+static __always_inline int from_pod_arp(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct arp_eth_ipv4 *arp = data + ETH_HLEN;
+	struct ferrum_endpoint *ep;
+	struct flow f = {};
+	__u32 sip;
+
+	if ((void *)(arp + 1) > data_end)
+		return drop(skb, FERRUM_DROP_MALFORMED, NULL);
+	if (arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != ETH_ALEN || arp->plen != 4)
+		return drop(skb, FERRUM_DROP_UNSUPPORTED_L3, NULL);
+	__builtin_memcpy(&sip, arp->sip, 4);
+	__builtin_memcpy(&f.daddr, arp->tip, 4);
+	f.saddr = sip;
+	ep = bpf_map_lookup_elem(&ferrum_endpoints, &sip);
+	if (!ep || ep->ifindex != skb->ifindex)
+		return drop(skb, FERRUM_DROP_SPOOFED_IP, &f);
+	if (!macs_equal(arp->sha, ep->pod_mac) || !macs_equal(eth->h_source, ep->pod_mac))
+		return drop(skb, FERRUM_DROP_SPOOFED_MAC, &f);
+	return TC_ACT_OK;
+}
+
+/* tcx ingress on every host-side pod veth: packets leaving a pod. */
+SEC("classifier/from_pod")
+int from_pod(struct __sk_buff *skb)
+{
+	struct ferrum_config *cfg = config();
+	struct ferrum_endpoint *src_ep, *dst_ep;
+	struct ferrum_ipcache_key key;
+	struct ferrum_ipcache_value *peer;
+	struct flow f = {};
+	void *data, *data_end;
+	struct ethhdr *eth;
+	int rc;
+
+	if (!cfg)
+		return TC_ACT_SHOT;
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return from_pod_arp(skb);
+	rc = parse_ipv4(skb, &f);
+	if (rc == -1)
+		return drop(skb, FERRUM_DROP_UNSUPPORTED_L3, NULL);
+	if (rc < 0)
+		return drop(skb, FERRUM_DROP_MALFORMED, NULL);
+
+	/* Anti-spoofing: the source IP must belong to the endpoint behind this very veth. */
+	src_ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.saddr);
+	if (!src_ep || src_ep->ifindex != skb->ifindex)
+		return drop(skb, FERRUM_DROP_SPOOFED_IP, &f);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return drop(skb, FERRUM_DROP_MALFORMED, &f);
+	if (!macs_equal(eth->h_source, src_ep->pod_mac))
+		return drop(skb, FERRUM_DROP_SPOOFED_MAC, &f);
+
+	dst_ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
+	if (dst_ep)
+		return to_endpoint(skb, cfg, dst_ep, &f);
+
+	key.prefixlen = 32;
+	key.addr = f.daddr;
+	peer = bpf_map_lookup_elem(&ferrum_ipcache, &key);
+	if (peer && peer->tunnel_endpoint) {
+		__u32 tunnel = peer->tunnel_endpoint;
+		if (!cfg->overlay_ifindex || set_tunnel(skb, cfg, tunnel) < 0)
+			return drop(skb, FERRUM_DROP_ENCAP_FAILED, &f);
+		trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, &f, tunnel, 0, 0);
+		return bpf_redirect(cfg->overlay_ifindex, 0);
+	}
+	if (cfg->local_block_prefix_len &&
+	    in_prefix(f.daddr, cfg->local_block_addr, cfg->local_block_prefix_len))
+		return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, &f);
+
+	trace(skb, cfg, FERRUM_TRACE_TO_STACK, &f, 0, 0, 0);
+	return TC_ACT_OK;
+}
+
+/* tcx ingress on the VXLAN device: decapsulated packets from other nodes. */
+SEC("classifier/from_overlay")
+int from_overlay(struct __sk_buff *skb)
+{
+	struct ferrum_config *cfg = config();
+	struct ferrum_endpoint *ep;
+	struct flow f = {};
+
+	if (parse_ipv4(skb, &f) < 0)
+		return TC_ACT_OK;
+	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
+	if (ep)
+		return to_endpoint(skb, cfg, ep, &f);
+	/* The inner destination MAC belongs to the sender's side; make the stack accept it. */
+	bpf_skb_change_type(skb, PACKET_HOST);
+	trace(skb, cfg, FERRUM_TRACE_FROM_OVERLAY, &f, 0, 0, 0);
+	return TC_ACT_OK;
+}
+
+/* tcx egress on the VXLAN device: every packet must leave with a tunnel key. */
+SEC("classifier/to_overlay")
+int to_overlay(struct __sk_buff *skb)
+{
+	struct ferrum_config *cfg = config();
+	struct ferrum_ipcache_key key;
+	struct ferrum_ipcache_value *peer;
+	struct flow f = {};
+	__u32 tunnel;
+	int rc;
+
+	if (!cfg)
+		return TC_ACT_SHOT;
+	rc = parse_ipv4(skb, &f);
+	if (rc == -1)
+		return drop(skb, FERRUM_DROP_UNSUPPORTED_L3, NULL);
+	if (rc < 0)
+		return drop(skb, FERRUM_DROP_MALFORMED, NULL);
+	key.prefixlen = 32;
+	key.addr = f.daddr;
+	peer = bpf_map_lookup_elem(&ferrum_ipcache, &key);
+	if (!peer || !peer->tunnel_endpoint)
+		return drop(skb, FERRUM_DROP_NO_TUNNEL_ENDPOINT, &f);
+	tunnel = peer->tunnel_endpoint;
+	if (set_tunnel(skb, cfg, tunnel) < 0)
+		return drop(skb, FERRUM_DROP_ENCAP_FAILED, &f);
+	trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, &f, tunnel, 0, 0);
+	return TC_ACT_OK;
+}
+
+static __always_inline __u32 mix32(__u32 h)
+{
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 flow_hash(const struct ferrum_nat_key *k)
+{
+	__u32 h = mix32(k->addr_a ^ 0x9e3779b9);
+	h = mix32(h ^ k->addr_b);
+	h = mix32(h ^ (((__u32)k->port_a << 16) | k->port_b));
+	return mix32(h ^ k->proto);
+}
+
+struct l4_offsets {
+	__u32 csum;
+	__u32 port; /* the translated port / echo id */
+	__u64 csum_flags; /* pseudo header and UDP zero-checksum handling */
+};
+
+/* Where the checksum and the translated port live; src selects the source side. */
+static __always_inline int l4_offsets(const struct flow *f, int src, struct l4_offsets *o)
+{
+	switch (f->proto) {
+	case IPPROTO_TCP:
+		o->csum = f->l4_off + offsetof(struct tcphdr, check);
+		o->port = f->l4_off + (src ? 0 : 2);
+		o->csum_flags = BPF_F_PSEUDO_HDR;
+		return 0;
+	case IPPROTO_UDP:
+		o->csum = f->l4_off + offsetof(struct udphdr, check);
+		o->port = f->l4_off + (src ? 0 : 2);
+		o->csum_flags = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
+		return 0;
+	case IPPROTO_ICMP:
+		o->csum = f->l4_off + offsetof(struct icmp_echo_hdr, checksum);
+		o->port = f->l4_off + offsetof(struct icmp_echo_hdr, id);
+		o->csum_flags = 0;
+		return 0;
+	}
+	return -1;
+}
+
+/* Rewrites one address (at addr_off) and its port, fixing IP and L4 checksums. */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, int src,
+				   __u32 old_addr, __u32 new_addr, __u16 old_port, __u16 new_port)
+{
+	struct l4_offsets o;
+	__u32 addr_off = src ? IP_SADDR_OFF : IP_DADDR_OFF;
+
+	if (l4_offsets(f, src, &o) < 0)
+		return -1;
+	if (o.csum_flags & BPF_F_PSEUDO_HDR) {
+		if (bpf_l4_csum_replace(skb, o.csum, old_addr, new_addr, o.csum_flags | 4) < 0)
+			return -1;
+	}
+	if (bpf_l4_csum_replace(skb, o.csum, old_port, new_port,
+				(o.csum_flags & BPF_F_MARK_MANGLED_0) | 2) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, o.port, &new_port, 2, 0) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* Finds the NAT port of a flow, allocating one (and both table entries) for a new flow.
+ * Returns the port in network order, 0 when the range is exhausted. */
+static __always_inline __u16 nat_port_for(const struct ferrum_config *cfg, const struct flow *f)
+{
+	struct ferrum_nat_key fwd = {}, rev = {};
+	struct ferrum_nat_value *fv, *rv, val = {};
+	__u32 range, start, i;
+
+	fwd.addr_a = f->saddr;
+	fwd.addr_b = f->daddr;
+	fwd.port_a = f->sport;
+	fwd.port_b = f->dport;
+	fwd.proto = f->proto;
+	rev.addr_a = f->daddr;
+	rev.addr_b = cfg->node_ip;
+	rev.port_a = f->dport;
+	rev.proto = f->proto;
+
+	fv = bpf_map_lookup_elem(&ferrum_nat, &fwd);
+	if (fv) {
+		__u16 port = fv->port;
+		rev.port_b = port;
+		rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
+		if (rv && rv->addr == f->saddr && rv->port == f->sport)
+			return port;
+		if (!rv) {
+			/* LRU evicted only the reverse half: restore it if the port is still free. */
+			val.addr = f->saddr;
+			val.port = f->sport;
+			val.created_ns = bpf_ktime_get_ns();
+			if (bpf_map_update_elem(&ferrum_nat_rev, &rev, &val, BPF_NOEXIST) == 0)
+				return port;
+		}
+	}
+
+	if (cfg->nat_port_max < cfg->nat_port_min || cfg->nat_port_min == 0)
+		return 0;
+	range = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
+	start = flow_hash(&fwd) % range;
+	val.addr = f->saddr;
+	val.port = f->sport;
+	val.created_ns = bpf_ktime_get_ns();
+	for (i = 0; i < NAT_PORT_TRIES && i < range; i++) {
+		__u16 port = bpf_htons((__u16)(cfg->nat_port_min + (start + i) % range));
+		rev.port_b = port;
+		if (bpf_map_update_elem(&ferrum_nat_rev, &rev, &val, BPF_NOEXIST) == 0) {
+			struct ferrum_nat_value fval = {};
+			fval.addr = cfg->node_ip;
+			fval.port = port;
+			fval.created_ns = val.created_ns;
+			if (bpf_map_update_elem(&ferrum_nat, &fwd, &fval, BPF_ANY) < 0) {
+				bpf_map_delete_elem(&ferrum_nat_rev, &rev);
+				return 0;
+			}
+			return port;
+		}
+	}
+	return 0;
+}
+
+/* tcx egress on the uplink: SNAT pod traffic leaving the cluster to the node IP. */
+SEC("classifier/to_uplink")
+int to_uplink(struct __sk_buff *skb)
+{
+	struct ferrum_config *cfg = config();
+	struct flow f = {};
+	__u16 nat_port;
+
+	if (!cfg || !cfg->node_ip || !cfg->local_block_prefix_len)
+		return TC_ACT_OK;
+	if (parse_ipv4(skb, &f) < 0)
+		return TC_ACT_OK;
+	if (!in_prefix(f.saddr, cfg->local_block_addr, cfg->local_block_prefix_len) ||
+	    f.saddr == cfg->node_ip ||
+	    in_prefix(f.daddr, cfg->cluster_cidr_addr, cfg->cluster_cidr_prefix_len))
+		return TC_ACT_OK;
+	if (!f.has_ports || (f.proto == IPPROTO_ICMP && f.icmp_type != ICMP_ECHO))
+		return TC_ACT_OK;
+
+	nat_port = nat_port_for(cfg, &f);
+	if (!nat_port)
+		return drop(skb, FERRUM_DROP_NAT_NO_PORT, &f);
+	if (rewrite(skb, &f, 1, f.saddr, cfg->node_ip, f.sport, nat_port) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
+	trace(skb, cfg, FERRUM_TRACE_SNAT, &f, 0, cfg->node_ip, nat_port);
+	return TC_ACT_OK;
+}
+
+/* tcx ingress on the uplink: reverse-SNAT replies and hand them to the pod. */
+SEC("classifier/from_uplink")
+int from_uplink(struct __sk_buff *skb)
+{
+	struct ferrum_config *cfg = config();
+	struct ferrum_nat_key rev = {};
+	struct ferrum_nat_value *rv;
+	struct ferrum_endpoint *ep;
+	struct flow f = {};
+	__u32 pod_addr;
+	__u16 pod_port;
+
+	if (!cfg || !cfg->node_ip)
+		return TC_ACT_OK;
+	if (parse_ipv4(skb, &f) < 0 || f.daddr != cfg->node_ip || !f.has_ports)
+		return TC_ACT_OK;
+	if (f.proto == IPPROTO_ICMP && f.icmp_type != ICMP_ECHOREPLY)
+		return TC_ACT_OK;
+	rev.addr_a = f.saddr;
+	rev.addr_b = f.daddr;
+	rev.port_a = f.sport;
+	rev.port_b = f.dport;
+	rev.proto = f.proto;
+	rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
+	if (!rv)
+		return TC_ACT_OK;
+	pod_addr = rv->addr;
+	pod_port = rv->port;
+	if (rewrite(skb, &f, 0, f.daddr, pod_addr, f.dport, pod_port) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
+	trace(skb, cfg, FERRUM_TRACE_REV_SNAT, &f, 0, pod_addr, pod_port);
+	f.daddr = pod_addr;
+	f.dport = pod_port;
+	ep = bpf_map_lookup_elem(&ferrum_endpoints, &pod_addr);
+	if (ep)
+		return to_endpoint(skb, cfg, ep, &f);
+	return TC_ACT_OK;
+}

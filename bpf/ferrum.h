@@ -1,0 +1,116 @@
+/* Structures shared by the eBPF programs and the Rust loader
+ * (crates/datapath/src/bpf/abi.rs mirrors them; sizes are asserted on both sides).
+ * Addresses and ports are in network byte order unless a field says otherwise. */
+#ifndef FERRUM_H
+#define FERRUM_H
+
+#include <linux/types.h>
+
+/* ferrum_config: one entry, written by the agent. */
+struct ferrum_config {
+	__u32 node_ip;
+	__u32 cluster_cidr_addr;
+	__u32 cluster_cidr_prefix_len;
+	__u32 local_block_addr;
+	__u32 local_block_prefix_len;
+	__u32 overlay_ifindex;
+	__u32 uplink_ifindex;
+	__u32 vni; /* host order */
+	__u16 nat_port_min; /* host order */
+	__u16 nat_port_max; /* host order */
+	__u32 flags;
+};
+#define FERRUM_CONFIG_SIZE 40
+#define FERRUM_FLAG_TRACE (1U << 0)
+
+/* ferrum_endpoints: local pod IPv4 -> endpoint. */
+struct ferrum_endpoint {
+	__u32 ifindex; /* host-side veth */
+	__u8 pod_mac[6];
+	__u8 host_mac[6];
+	__u32 flags;
+};
+#define FERRUM_ENDPOINT_SIZE 20
+
+/* ferrum_ipcache: LPM trie key and value. */
+struct ferrum_ipcache_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+struct ferrum_ipcache_value {
+	__u32 tunnel_endpoint; /* 0 = reachable without a tunnel */
+	__u8 kind;
+	__u8 pad;
+	__u16 flags;
+};
+#define FERRUM_IPCACHE_VALUE_SIZE 8
+enum ferrum_peer_kind {
+	FERRUM_KIND_LOCAL_NODE = 1,
+	FERRUM_KIND_REMOTE_NODE = 2,
+	FERRUM_KIND_REMOTE_POD_BLOCK = 3,
+	FERRUM_KIND_LOCAL_POD_BLOCK = 4,
+};
+
+/* NAT tables. Forward key: (proto, pod addr/port, remote addr/port). Reverse key:
+ * (proto, remote addr/port, node addr/nat port). For ICMP echo the "port" on the pod/node
+ * side is the echo identifier and the remote port is 0. */
+struct ferrum_nat_key {
+	__u32 addr_a;
+	__u32 addr_b;
+	__u16 port_a;
+	__u16 port_b;
+	__u8 proto;
+	__u8 pad[3];
+};
+#define FERRUM_NAT_KEY_SIZE 16
+struct ferrum_nat_value {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+	__u64 created_ns;
+};
+#define FERRUM_NAT_VALUE_SIZE 16
+
+/* ferrum_events: ring buffer records. */
+struct ferrum_event {
+	__u64 ts_ns;
+	__u8 kind; /* 1 drop, 2 trace */
+	__u8 reason; /* drop reason or observation point */
+	__u8 proto;
+	__u8 pad;
+	__u32 ifindex;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u32 tunnel_endpoint;
+	__u32 nat_addr;
+	__u16 nat_port;
+	__u16 pad2;
+};
+#define FERRUM_EVENT_SIZE 40
+
+#define FERRUM_EVENT_DROP 1
+#define FERRUM_EVENT_TRACE 2
+
+/* Stable reason codes (Rust: Reason::code). Drops below 64, observation points from 64. */
+enum ferrum_reason {
+	FERRUM_DROP_SPOOFED_IP = 1,
+	FERRUM_DROP_SPOOFED_MAC = 2,
+	FERRUM_DROP_UNSUPPORTED_L3 = 3,
+	FERRUM_DROP_UNKNOWN_ENDPOINT = 4,
+	FERRUM_DROP_NO_TUNNEL_ENDPOINT = 5,
+	FERRUM_DROP_NAT_NO_PORT = 6,
+	FERRUM_DROP_MALFORMED = 7,
+	FERRUM_DROP_ENCAP_FAILED = 8,
+	FERRUM_DROP_REWRITE_FAILED = 9,
+
+	FERRUM_TRACE_TO_ENDPOINT = 64,
+	FERRUM_TRACE_TO_OVERLAY = 65,
+	FERRUM_TRACE_TO_STACK = 66,
+	FERRUM_TRACE_FROM_OVERLAY = 67,
+	FERRUM_TRACE_SNAT = 68,
+	FERRUM_TRACE_REV_SNAT = 69,
+};
+
+#endif

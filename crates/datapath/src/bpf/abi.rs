@@ -1,0 +1,122 @@
+//! `#[repr(C)]` mirrors of the structures in bpf/ferrum.h. Sizes are asserted at compile time
+//! so a layout change on one side cannot go unnoticed.
+
+use std::mem::size_of;
+
+/// `struct ferrum_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawConfig {
+    pub node_ip: u32,
+    pub cluster_cidr_addr: u32,
+    pub cluster_cidr_prefix_len: u32,
+    pub local_block_addr: u32,
+    pub local_block_prefix_len: u32,
+    pub overlay_ifindex: u32,
+    pub uplink_ifindex: u32,
+    pub vni: u32,
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub flags: u32,
+}
+pub(crate) const CONFIG_FLAG_TRACE: u32 = 1;
+
+/// `struct ferrum_endpoint`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawEndpoint {
+    pub ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub host_mac: [u8; 6],
+    pub flags: u32,
+}
+
+/// `struct ferrum_ipcache_value` (the key is aya's `lpm_trie::Key<u32>`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawIpcacheValue {
+    pub tunnel_endpoint: u32,
+    pub kind: u8,
+    pub pad: u8,
+    pub flags: u16,
+}
+
+/// `struct ferrum_nat_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct RawNatKey {
+    pub addr_a: u32,
+    pub addr_b: u32,
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct ferrum_nat_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawNatValue {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+    pub created_ns: u64,
+}
+
+/// `struct ferrum_event`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawEvent {
+    pub ts_ns: u64,
+    pub kind: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub pad: u8,
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub tunnel_endpoint: u32,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub pad2: u16,
+}
+
+// SAFETY: plain old data, no padding the kernel could leave uninitialised that we rely on.
+unsafe impl aya::Pod for RawConfig {}
+unsafe impl aya::Pod for RawEndpoint {}
+unsafe impl aya::Pod for RawIpcacheValue {}
+unsafe impl aya::Pod for RawNatKey {}
+unsafe impl aya::Pod for RawNatValue {}
+unsafe impl aya::Pod for RawEvent {}
+
+pub(crate) const CONFIG_SIZE: usize = 40;
+pub(crate) const ENDPOINT_SIZE: usize = 20;
+pub(crate) const IPCACHE_KEY_SIZE: usize = 8;
+pub(crate) const IPCACHE_VALUE_SIZE: usize = 8;
+pub(crate) const NAT_KEY_SIZE: usize = 16;
+pub(crate) const NAT_VALUE_SIZE: usize = 16;
+pub(crate) const EVENT_SIZE: usize = 40;
+
+const _: () = assert!(size_of::<RawConfig>() == CONFIG_SIZE);
+const _: () = assert!(size_of::<RawEndpoint>() == ENDPOINT_SIZE);
+const _: () = assert!(size_of::<aya::maps::lpm_trie::Key<u32>>() == IPCACHE_KEY_SIZE);
+const _: () = assert!(size_of::<RawIpcacheValue>() == IPCACHE_VALUE_SIZE);
+const _: () = assert!(size_of::<RawNatKey>() == NAT_KEY_SIZE);
+const _: () = assert!(size_of::<RawNatValue>() == NAT_VALUE_SIZE);
+const _: () = assert!(size_of::<RawEvent>() == EVENT_SIZE);
+
+/// Converts an address to the network-order `u32` the programs compare against.
+pub(crate) fn addr_to_raw(addr: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+pub(crate) fn addr_from_raw(raw: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+/// Ports travel in network order inside the maps and events.
+pub(crate) fn port_from_raw(raw: u16) -> u16 {
+    u16::from_be(raw)
+}

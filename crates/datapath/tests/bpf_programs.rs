@@ -1,0 +1,623 @@
+//! BPF_PROG_TEST_RUN tests of every datapath branch on crafted frames. Root only: each test
+//! makes its own netns with a veth pair (skb->ifindex must be a real device) and its own
+//! pin directory, so tests run in parallel without sharing maps.
+
+mod bpf_support;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use anyhow::Result;
+use bpf_support::{Netns, PinDir, ifindex};
+use ferrum_datapath::bpf::packet::{self, Mac};
+use ferrum_datapath::bpf::{
+    Datapath, EndpointInfo, Event, EventKind, EventReader, IpcacheEntry, NodeConfig, PeerKind,
+    Program, Reason, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+};
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 10);
+const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 11);
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 6);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 7);
+const MAC_A: Mac = [0x02, 0xaa, 0, 0, 0, 0x05];
+const HOST_MAC_A: Mac = [0x02, 0xee, 0, 0, 0, 0x05];
+const MAC_B: Mac = [0x02, 0xaa, 0, 0, 0, 0x06];
+const HOST_MAC_B: Mac = [0x02, 0xee, 0, 0, 0, 0x06];
+const UPLINK_MAC: Mac = [0x02, 0x10, 0, 0, 0, 0x0a];
+const ROUTER_MAC: Mac = [0x02, 0x10, 0, 0, 0, 0x01];
+const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+
+struct Fixture {
+    dp: Datapath,
+    events: EventReader,
+    veth_a: u32,
+    veth_b: u32,
+    _pins: PinDir,
+    _ns: Netns,
+}
+
+fn config(veth_b: u32, nat_ports: std::ops::RangeInclusive<u16>) -> NodeConfig {
+    NodeConfig {
+        node_ip: NODE_IP,
+        cluster_cidr: "10.1.0.0/16".parse().unwrap(),
+        local_block: "10.1.0.0/24".parse().unwrap(),
+        overlay_ifindex: veth_b,
+        uplink_ifindex: veth_b,
+        vni: 42,
+        nat_ports,
+        trace: true,
+    }
+}
+
+/// Node netns with veth-a/veth-b standing in for two pods' host veths (veth-b also plays
+/// the uplink and overlay device), two endpoints and a remote pod block in the ipcache.
+fn fixture() -> Result<Fixture> {
+    fixture_with_ports(NAT_PORTS)
+}
+
+fn fixture_with_ports(nat_ports: std::ops::RangeInclusive<u16>) -> Result<Fixture> {
+    let ns = Netns::new("fe-bpft")?;
+    ns.ip(&[
+        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ])?;
+    ns.ip(&["link", "set", "veth-a", "up"])?;
+    ns.ip(&["link", "set", "veth-b", "up"])?;
+    ns.enter()?;
+    let pins = PinDir::new();
+    let mut dp = Datapath::open(&pins.path)?;
+    let (veth_a, veth_b) = (ifindex("veth-a")?, ifindex("veth-b")?);
+    dp.set_config(&config(veth_b, nat_ports))?;
+    dp.upsert_endpoint(
+        POD_A,
+        &EndpointInfo {
+            ifindex: veth_a,
+            pod_mac: MAC_A,
+            host_mac: HOST_MAC_A,
+        },
+    )?;
+    dp.upsert_endpoint(
+        POD_B,
+        &EndpointInfo {
+            ifindex: veth_b,
+            pod_mac: MAC_B,
+            host_mac: HOST_MAC_B,
+        },
+    )?;
+    dp.upsert_ipcache(
+        "10.1.1.0/24".parse()?,
+        &IpcacheEntry {
+            tunnel_endpoint: Some(REMOTE_NODE),
+            kind: PeerKind::RemotePodBlock,
+        },
+    )?;
+    dp.upsert_ipcache(
+        "10.224.0.11/32".parse()?,
+        &IpcacheEntry {
+            tunnel_endpoint: None,
+            kind: PeerKind::RemoteNode,
+        },
+    )?;
+    let events = dp.take_events()?;
+    Ok(Fixture {
+        dp,
+        events,
+        veth_a,
+        veth_b,
+        _pins: pins,
+        _ns: ns,
+    })
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+impl Fixture {
+    fn events(&mut self) -> Vec<Event> {
+        self.events
+            .poll(Duration::from_millis(200))
+            .expect("poll events")
+    }
+
+    fn drop_reason(&mut self) -> Option<Reason> {
+        self.events()
+            .into_iter()
+            .find(|e| e.kind == EventKind::Drop)
+            .map(|e| e.reason)
+    }
+}
+
+#[test]
+fn local_pod_to_pod_is_redirected_to_the_peer_with_rewritten_macs() -> Result<()> {
+    let mut f = fixture()?;
+    let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(POD_B, 80), b"hi");
+    let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.eth_dst, p.eth_src), (MAC_B, HOST_MAC_B));
+    assert_eq!(out.frame[12..], frame[12..], "only the MACs change");
+    let events = f.events();
+    assert!(
+        events.iter().any(|e| e.kind == EventKind::Trace
+            && e.reason == Reason::ToEndpoint
+            && e.dst == sa(POD_B, 80)),
+        "{events:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn remote_pod_traffic_is_encapsulated_toward_the_owning_node() -> Result<()> {
+    let mut f = fixture()?;
+    let frame = packet::udp_frame(
+        MAC_A,
+        HOST_MAC_A,
+        sa(POD_A, 5000),
+        sa(REMOTE_POD, 53),
+        b"q",
+        true,
+    );
+    let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    assert_eq!(
+        out.frame, frame,
+        "encap decision does not touch the inner frame"
+    );
+    let events = f.events();
+    let trace = events
+        .iter()
+        .find(|e| e.reason == Reason::ToOverlay)
+        .expect("TO_OVERLAY trace event");
+    assert_eq!(trace.tunnel_endpoint, Some(REMOTE_NODE));
+    assert_eq!(trace.dst, sa(REMOTE_POD, 53));
+    assert_eq!(trace.ifindex, f.veth_a);
+    Ok(())
+}
+
+#[test]
+fn unknown_address_in_the_local_block_is_dropped() -> Result<()> {
+    let mut f = fixture()?;
+    let frame = packet::tcp_frame(
+        MAC_A,
+        HOST_MAC_A,
+        sa(POD_A, 40000),
+        sa(Ipv4Addr::new(10, 1, 0, 99), 80),
+        b"",
+    );
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::UnknownEndpoint));
+    Ok(())
+}
+
+#[test]
+fn traffic_leaving_the_cluster_goes_to_the_stack() -> Result<()> {
+    let mut f = fixture()?;
+    for dst in [EXTERNAL, NODE_IP, REMOTE_NODE] {
+        let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(dst, 80), b"");
+        let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+        assert_eq!(out.retval, TC_ACT_OK, "to {dst}");
+        assert_eq!(out.frame, frame);
+    }
+    assert!(f.events().iter().all(|e| e.reason == Reason::ToStack));
+    Ok(())
+}
+
+#[test]
+fn spoofed_source_ip_is_dropped() -> Result<()> {
+    let mut f = fixture()?;
+    // An address nobody owns, and pod B's address sent from pod A's veth.
+    for src in [Ipv4Addr::new(10, 1, 0, 50), POD_B] {
+        let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(src, 40000), sa(EXTERNAL, 80), b"");
+        assert_eq!(
+            f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.retval,
+            TC_ACT_SHOT
+        );
+        let events = f.events();
+        let drop = events
+            .iter()
+            .find(|e| e.kind == EventKind::Drop)
+            .expect("drop event");
+        assert_eq!(drop.reason, Reason::SpoofedIp);
+        assert_eq!(drop.src, sa(src, 40000));
+        assert_eq!(drop.ifindex, f.veth_a);
+    }
+    Ok(())
+}
+
+#[test]
+fn spoofed_source_mac_is_dropped() -> Result<()> {
+    let mut f = fixture()?;
+    let frame = packet::tcp_frame(
+        [0x02, 0xde, 0xad, 0, 0, 1],
+        HOST_MAC_A,
+        sa(POD_A, 40000),
+        sa(POD_B, 80),
+        b"",
+    );
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::SpoofedMac));
+    Ok(())
+}
+
+#[test]
+fn arp_is_checked_for_spoofing_then_passed() -> Result<()> {
+    let mut f = fixture()?;
+    let gw = Ipv4Addr::new(169, 254, 1, 1);
+    let good = packet::arp_frame(1, MAC_A, POD_A, [0; 6], gw);
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &good, f.veth_a, 1)?.retval,
+        TC_ACT_OK
+    );
+    assert_eq!(f.drop_reason(), None);
+
+    let stolen_ip = packet::arp_frame(2, MAC_A, POD_B, HOST_MAC_A, gw);
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &stolen_ip, f.veth_a, 1)?
+            .retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::SpoofedIp));
+
+    let forged_mac = packet::arp_frame(2, [0x02, 0xde, 0xad, 0, 0, 1], POD_A, HOST_MAC_A, gw);
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &forged_mac, f.veth_a, 1)?
+            .retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::SpoofedMac));
+    Ok(())
+}
+
+#[test]
+fn ipv6_from_a_pod_is_dropped() -> Result<()> {
+    let mut f = fixture()?;
+    let frame = packet::ipv6_frame(MAC_A, HOST_MAC_A);
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::UnsupportedL3));
+    Ok(())
+}
+
+#[test]
+fn from_overlay_delivers_to_local_pods_and_passes_the_rest() -> Result<()> {
+    let mut f = fixture()?;
+    let to_pod = packet::tcp_frame(
+        [2, 0, 0, 0, 0, 9],
+        [2, 0, 0, 0, 0, 8],
+        sa(REMOTE_POD, 3333),
+        sa(POD_B, 80),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromOverlay, &to_pod, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.eth_dst, p.eth_src), (MAC_B, HOST_MAC_B));
+
+    let to_node = packet::tcp_frame(
+        [2, 0, 0, 0, 0, 9],
+        [2, 0, 0, 0, 0, 8],
+        sa(REMOTE_POD, 3333),
+        sa(NODE_IP, 22),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromOverlay, &to_node, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.frame, to_node);
+    Ok(())
+}
+
+#[test]
+fn to_overlay_sets_the_tunnel_or_drops_without_one() -> Result<()> {
+    let mut f = fixture()?;
+    let routed = packet::icmp_echo_frame(UPLINK_MAC, UPLINK_MAC, NODE_IP, REMOTE_POD, true, 9);
+    assert_eq!(
+        f.dp.test_run(Program::ToOverlay, &routed, f.veth_b, 1)?
+            .retval,
+        TC_ACT_OK
+    );
+    let events = f.events();
+    assert_eq!(
+        events
+            .iter()
+            .find(|e| e.reason == Reason::ToOverlay)
+            .and_then(|e| e.tunnel_endpoint),
+        Some(REMOTE_NODE)
+    );
+
+    let nowhere = packet::icmp_echo_frame(
+        UPLINK_MAC,
+        UPLINK_MAC,
+        NODE_IP,
+        Ipv4Addr::new(10, 1, 9, 9),
+        true,
+        9,
+    );
+    assert_eq!(
+        f.dp.test_run(Program::ToOverlay, &nowhere, f.veth_b, 1)?
+            .retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::NoTunnelEndpoint));
+    // A node prefix without a tunnel endpoint cannot be reached through the overlay either.
+    let node = packet::icmp_echo_frame(UPLINK_MAC, UPLINK_MAC, NODE_IP, REMOTE_NODE, true, 9);
+    assert_eq!(
+        f.dp.test_run(Program::ToOverlay, &node, f.veth_b, 1)?
+            .retval,
+        TC_ACT_SHOT
+    );
+    Ok(())
+}
+
+/// Runs to_uplink on a pod frame and returns the translated frame (checked for valid sums).
+fn snat(f: &mut Fixture, frame: &[u8]) -> Result<packet::Parsed> {
+    let out = f.dp.test_run(Program::ToUplink, frame, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_OK);
+    packet::verify_checksums(&out.frame)?;
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(p.src, NODE_IP);
+    assert!(
+        NAT_PORTS.contains(&p.sport),
+        "NAT port {} outside the range",
+        p.sport
+    );
+    Ok(p)
+}
+
+#[test]
+fn tcp_to_outside_is_snatted_with_a_stable_port_per_flow() -> Result<()> {
+    let mut f = fixture()?;
+    let flow1 = packet::tcp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 40000),
+        sa(EXTERNAL, 80),
+        b"GET /",
+    );
+    let first = snat(&mut f, &flow1)?;
+    assert_eq!(first.dst, EXTERNAL);
+    assert_eq!(first.dport, 80);
+    let again = snat(&mut f, &flow1)?;
+    assert_eq!(again.sport, first.sport, "same flow, same NAT port");
+    let flow2 = packet::tcp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 40001),
+        sa(EXTERNAL, 80),
+        b"GET /",
+    );
+    let second = snat(&mut f, &flow2)?;
+    assert_ne!(
+        second.sport, first.sport,
+        "different flows, different NAT ports"
+    );
+
+    let entries = f.dp.nat_entries()?;
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let e = entries
+        .iter()
+        .find(|e| e.pod == sa(POD_A, 40000))
+        .expect("forward entry");
+    assert_eq!(
+        (e.proto, e.remote, e.nat),
+        (6, sa(EXTERNAL, 80), sa(NODE_IP, first.sport))
+    );
+    assert!(e.has_reverse);
+    let snat_event = f
+        .events()
+        .into_iter()
+        .find(|e| e.reason == Reason::Snat)
+        .expect("SNAT trace");
+    assert_eq!(snat_event.nat, Some(sa(NODE_IP, first.sport)));
+    Ok(())
+}
+
+#[test]
+fn reply_is_reverse_snatted_and_redirected_to_the_pod() -> Result<()> {
+    let mut f = fixture()?;
+    let request = packet::tcp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 40000),
+        sa(EXTERNAL, 443),
+        b"x",
+    );
+    let nat_port = snat(&mut f, &request)?.sport;
+    let reply = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 443),
+        sa(NODE_IP, nat_port),
+        b"reply",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &reply, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    packet::verify_checksums(&out.frame)?;
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (EXTERNAL, 443, POD_A, 40000)
+    );
+    assert_eq!((p.eth_dst, p.eth_src), (MAC_A, HOST_MAC_A));
+    assert!(f.events().iter().any(|e| e.reason == Reason::RevSnat));
+    Ok(())
+}
+
+#[test]
+fn udp_snat_handles_both_checksummed_and_zero_checksum_datagrams() -> Result<()> {
+    let mut f = fixture()?;
+    let with_sum = packet::udp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 5353),
+        sa(EXTERNAL, 53),
+        b"query",
+        true,
+    );
+    let p = snat(&mut f, &with_sum)?;
+    let reply = packet::udp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 53),
+        sa(NODE_IP, p.sport),
+        b"answer",
+        true,
+    );
+    let out = f.dp.test_run(Program::FromUplink, &reply, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    packet::verify_checksums(&out.frame)?;
+    assert_eq!(packet::parse(&out.frame)?.dport, 5353);
+
+    let no_sum = packet::udp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 6000),
+        sa(EXTERNAL, 53),
+        b"query",
+        false,
+    );
+    let out = f.dp.test_run(Program::ToUplink, &no_sum, f.veth_b, 1)?;
+    packet::verify_checksums(&out.frame)?;
+    let l4 = 14 + 20;
+    assert_eq!(
+        out.frame[l4 + 6..l4 + 8],
+        [0, 0],
+        "a zero UDP checksum stays zero"
+    );
+    assert_eq!(packet::parse(&out.frame)?.src, NODE_IP);
+    Ok(())
+}
+
+#[test]
+fn icmp_echo_is_snatted_by_echo_id_and_reversed() -> Result<()> {
+    let mut f = fixture()?;
+    let ping = packet::icmp_echo_frame(HOST_MAC_B, ROUTER_MAC, POD_A, EXTERNAL, true, 777);
+    let p = snat(&mut f, &ping)?;
+    assert_eq!(p.icmp_type, Some(8));
+    let nat_id = p.sport;
+    let pong = packet::icmp_echo_frame(ROUTER_MAC, UPLINK_MAC, EXTERNAL, NODE_IP, false, nat_id);
+    let out = f.dp.test_run(Program::FromUplink, &pong, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    packet::verify_checksums(&out.frame)?;
+    let back = packet::parse(&out.frame)?;
+    assert_eq!(
+        (back.dst, back.dport, back.icmp_type),
+        (POD_A, 777, Some(0))
+    );
+    Ok(())
+}
+
+#[test]
+fn non_pod_and_in_cluster_traffic_on_the_uplink_is_untouched() -> Result<()> {
+    let mut f = fixture()?;
+    let cases = [
+        // the node's own traffic
+        packet::tcp_frame(
+            UPLINK_MAC,
+            ROUTER_MAC,
+            sa(NODE_IP, 5000),
+            sa(EXTERNAL, 80),
+            b"",
+        ),
+        // pod to another pod of the cluster (not SNATed)
+        packet::tcp_frame(
+            UPLINK_MAC,
+            ROUTER_MAC,
+            sa(POD_A, 5000),
+            sa(REMOTE_POD, 80),
+            b"",
+        ),
+        // VXLAN between nodes
+        packet::udp_frame(
+            UPLINK_MAC,
+            ROUTER_MAC,
+            sa(NODE_IP, 40000),
+            sa(REMOTE_NODE, 4789),
+            b"vx",
+            false,
+        ),
+        packet::arp_frame(1, UPLINK_MAC, NODE_IP, [0; 6], REMOTE_NODE),
+    ];
+    for frame in &cases {
+        let out = f.dp.test_run(Program::ToUplink, frame, f.veth_b, 1)?;
+        assert_eq!((out.retval, &out.frame), (TC_ACT_OK, frame));
+    }
+    // Inbound to the node on a port with no NAT entry (e.g. the node's own connection).
+    let inbound = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 80),
+        sa(NODE_IP, 61001),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &inbound, f.veth_b, 1)?;
+    assert_eq!((out.retval, &out.frame), (TC_ACT_OK, &inbound));
+    assert!(f.dp.nat_entries()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn exhausted_nat_port_range_drops_new_flows() -> Result<()> {
+    let mut f = fixture_with_ports(61000..=61001)?;
+    for sport in [40000, 40001] {
+        let frame = packet::tcp_frame(
+            HOST_MAC_B,
+            ROUTER_MAC,
+            sa(POD_A, sport),
+            sa(EXTERNAL, 80),
+            b"",
+        );
+        snat(&mut f, &frame)?;
+    }
+    let third = packet::tcp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 40002),
+        sa(EXTERNAL, 80),
+        b"",
+    );
+    assert_eq!(
+        f.dp.test_run(Program::ToUplink, &third, f.veth_b, 1)?
+            .retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::NatNoPort));
+    // The same pod port toward another remote can reuse a NAT port.
+    let other_remote = packet::tcp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 40002),
+        sa(REMOTE_NODE, 80),
+        b"",
+    );
+    snat(&mut f, &other_remote)?;
+    Ok(())
+}
+
+#[test]
+fn trace_events_are_off_unless_configured() -> Result<()> {
+    let mut f = fixture()?;
+    let mut cfg = config(f.veth_b, NAT_PORTS);
+    cfg.trace = false;
+    f.dp.set_config(&cfg)?;
+    let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(POD_B, 80), b"");
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.retval,
+        TC_ACT_REDIRECT
+    );
+    assert!(f.events.poll(Duration::from_millis(50))?.is_empty());
+    // Drops are reported regardless.
+    let spoofed = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_B, 40000), sa(EXTERNAL, 80), b"");
+    f.dp.test_run(Program::FromPod, &spoofed, f.veth_a, 1)?;
+    assert_eq!(f.drop_reason(), Some(Reason::SpoofedIp));
+    Ok(())
+}
