@@ -16,9 +16,7 @@ pub struct Lease<V> {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
-    #[error(
-        "no pod block is assigned to this node yet: wait until the node's spec.podCIDR is set"
-    )]
+    #[error("no pod block is assigned to this node yet: wait until the node's spec.podCIDR is set")]
     NoBlock,
     #[error(
         "pod block {block} is exhausted: {used} addresses in use, limit {limit} (max pods {max_pods}); \
@@ -192,7 +190,11 @@ impl<K: Ord + Clone, V> Pool<K, V> {
             if !self.holders.contains_key(&ip) {
                 break ip;
             }
-            candidate = if candidate == last { first } else { candidate + 1 };
+            candidate = if candidate == last {
+                first
+            } else {
+                candidate + 1
+            };
             if candidate == start {
                 return Err(exhausted());
             }
@@ -400,7 +402,10 @@ mod tests {
         }
         let err = p.allocate(3, ()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("10.244.7.0/24") && msg.contains("max pods 3"), "{msg}");
+        assert!(
+            msg.contains("10.244.7.0/24") && msg.contains("max pods 3"),
+            "{msg}"
+        );
         assert_eq!(p.free(), 0);
     }
 
@@ -411,7 +416,10 @@ mod tests {
         for k in 0..250 {
             p.allocate(k, ()).unwrap();
         }
-        assert!(matches!(p.allocate(250, ()), Err(PoolError::Exhausted { .. })));
+        assert!(matches!(
+            p.allocate(250, ()),
+            Err(PoolError::Exhausted { .. })
+        ));
     }
 
     #[test]

@@ -63,12 +63,12 @@ where
             .map_err(io(dir, "creating the directory"))?;
         let path = dir.join(FILE_NAME);
         let mut pool = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<Pool<K, V>>(&bytes).map_err(|e| {
-                StoreError::Corrupt {
+            Ok(bytes) => {
+                serde_json::from_slice::<Pool<K, V>>(&bytes).map_err(|e| StoreError::Corrupt {
                     path: path.clone(),
                     reason: e.to_string(),
-                }
-            })?,
+                })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Pool::new(max_allocations),
             Err(e) => return Err(io(&path, "reading")(e)),
         };
@@ -110,11 +110,7 @@ where
     }
 
     /// See [`Pool::allocate`]; durable before it returns.
-    pub fn allocate(
-        &mut self,
-        key: K,
-        owner: V,
-    ) -> Result<(std::net::Ipv4Addr, bool), StoreError> {
+    pub fn allocate(&mut self, key: K, owner: V) -> Result<(std::net::Ipv4Addr, bool), StoreError> {
         self.update(|p| p.allocate(key, owner))
     }
 

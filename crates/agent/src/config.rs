@@ -1,0 +1,79 @@
+//! Command line of ferrum-agent.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The Ferrum node agent: IPAM, endpoints and the eBPF datapath of one node.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ferrum-agent", version)]
+pub struct Config {
+    /// This node's name (as in the Node object).
+    #[arg(long, env = "FERRUM_NODE_NAME")]
+    pub node_name: String,
+    /// Network namespace to run in (entered before anything else starts).
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    /// The lab control plane's unix socket to watch the cluster through.
+    #[arg(long)]
+    pub lab_socket: Option<PathBuf>,
+    /// Unix socket of the CNI API (ferrum-cni connects here).
+    #[arg(long, default_value = ferrum_agent_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Directory of persistent node state (IPAM store).
+    #[arg(long, default_value = "/var/lib/ferrum/agent")]
+    pub state_dir: PathBuf,
+    /// bpffs directory for this node's pinned maps and programs.
+    #[arg(long, default_value = "/sys/fs/bpf/ferrum")]
+    pub bpf_pin_dir: PathBuf,
+    /// The node's uplink interface; its IPv4 address is the node IP.
+    #[arg(long, default_value = "eth0")]
+    pub uplink: String,
+    /// The cluster's pod CIDR; node blocks are carved from it.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_pod_cidr: Ipv4Net,
+    /// Maximum pods (addresses) on this node.
+    #[arg(long, default_value_t = ferrum_ipam::DEFAULT_MAX_PODS)]
+    pub max_pods: u32,
+    /// VXLAN network identifier of the overlay.
+    #[arg(long, default_value_t = 2)]
+    pub vni: u32,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = Config::try_parse_from(["ferrum-agent", "--node-name", "n1"]).unwrap();
+        assert_eq!(c.uplink, "eth0");
+        assert_eq!(c.max_pods, 250);
+        assert_eq!(c.vni, 2);
+        assert_eq!(c.cluster_pod_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(c.socket, PathBuf::from(ferrum_agent_api::DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn bad_cidr_is_refused() {
+        assert!(
+            Config::try_parse_from([
+                "ferrum-agent",
+                "--node-name",
+                "n1",
+                "--cluster-pod-cidr",
+                "10.244.0.0/33"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! ferrum-agent: one per node. Owns the node's IPAM, endpoints and eBPF datapath, serves the
+//! CNI API, and realizes the cluster's nodes as ipcache entries.
+//!
+//! [`start`] brings the node up and runs the agent's threads; the cluster comes in through any
+//! [`ferrum_model::Source`] (the lab control plane today, Kubernetes later).
+
+pub mod config;
+pub mod events;
+pub mod handler;
+pub mod ipcache;
+pub mod kernel;
+pub mod restore;
+pub mod server;
+pub mod watch;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ferrum_datapath::bpf::Datapath;
+use ferrum_datapath::link::{Netlink, set_sysctl};
+use ferrum_model::Source;
+
+use crate::config::Config;
+use crate::events::{EventCounters, Kind, SharedCounters};
+use crate::handler::{Dataplane, IpamStore, NodeState};
+use crate::kernel::{KernelDataplane, NodeDevices};
+use crate::server::SharedState;
+use crate::watch::NodeIdentity;
+
+/// Name of the node's VXLAN device (collect-metadata mode: one device for all peers).
+pub const OVERLAY_DEVICE: &str = "ferrum_vxlan";
+/// The VXLAN UDP port (Linux's historical default, as Cilium and Flannel use).
+pub const VXLAN_PORT: u16 = 8472;
+/// Outer IPv4 + UDP + VXLAN + inner Ethernet headers.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// A running agent.
+pub struct AgentHandle {
+    pub state: SharedState<KernelDataplane>,
+    pub counters: SharedCounters,
+    pub node_ip: std::net::Ipv4Addr,
+    server: JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Blocks while the agent serves (the CNI server thread only ends if the process does).
+    pub fn wait(self) -> anyhow::Result<()> {
+        self.server
+            .join()
+            .map_err(|_| anyhow::anyhow!("the CNI API server thread panicked"))
+    }
+}
+
+/// Brings the node up in the calling thread's network namespace (threads it starts inherit
+/// it): datapath loaded or adopted, overlay device, sysctls, cluster route, endpoints
+/// reconciled with the IPAM store; then serves the CNI API and watches `source`.
+pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHandle> {
+    let netlink = Netlink::connect().context("opening netlink in the node's namespace")?;
+    let uplink = netlink
+        .link(&config.uplink)
+        .with_context(|| format!("looking up the uplink {}", config.uplink))?
+        .with_context(|| {
+            format!(
+                "uplink {} does not exist in this network namespace; pass --uplink",
+                config.uplink
+            )
+        })?;
+    let node_ip = netlink
+        .addresses(&config.uplink)
+        .with_context(|| format!("reading the addresses of {}", config.uplink))?
+        .first()
+        .map(|n| n.addr())
+        .with_context(|| {
+            format!(
+                "uplink {} has no IPv4 address: the node IP comes from it",
+                config.uplink
+            )
+        })?;
+    if uplink.mtu <= VXLAN_OVERHEAD + 576 {
+        bail!(
+            "uplink {} MTU {} is too small for the overlay",
+            config.uplink,
+            uplink.mtu
+        );
+    }
+    let pod_mtu = uplink.mtu - VXLAN_OVERHEAD;
+
+    let datapath = Datapath::open(&config.bpf_pin_dir).with_context(|| {
+        format!(
+            "loading the eBPF datapath with pins in {}",
+            config.bpf_pin_dir.display()
+        )
+    })?;
+    let mut store =
+        IpamStore::open(&config.state_dir, config.max_pods).context("opening the IPAM store")?;
+
+    let overlay = netlink
+        .ensure_vxlan_external(OVERLAY_DEVICE, VXLAN_PORT, pod_mtu)
+        .with_context(|| format!("creating the overlay device {OVERLAY_DEVICE}"))?;
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+        ("net/ipv4/conf/ferrum_vxlan/rp_filter", "0"),
+        // SNAT owns the ports above this range on the node IP.
+        ("net.ipv4.ip_local_port_range", kernel::LOCAL_PORT_RANGE),
+    ] {
+        set_sysctl(key, value).with_context(|| format!("setting {key}={value}"))?;
+    }
+    netlink
+        .replace_route(
+            config.cluster_pod_cidr,
+            OVERLAY_DEVICE,
+            None,
+            true,
+            Some(node_ip),
+        )
+        .with_context(|| {
+            format!(
+                "routing the cluster pod CIDR {} via {OVERLAY_DEVICE}",
+                config.cluster_pod_cidr
+            )
+        })?;
+
+    let mut dataplane = KernelDataplane::new(
+        datapath,
+        netlink,
+        NodeDevices {
+            node_ip,
+            cluster_cidr: config.cluster_pod_cidr,
+            uplink: config.uplink.clone(),
+            uplink_ifindex: uplink.index,
+            overlay: OVERLAY_DEVICE.into(),
+            overlay_ifindex: overlay.index,
+            vni: config.vni,
+        },
+    );
+    // A restarted agent keeps forwarding for the block it had; the watch confirms it later.
+    if let Some(block) = store.pool().block() {
+        dataplane.configure_block(block)?;
+    }
+    dataplane
+        .restore(&mut store)
+        .context("reconciling endpoints with the IPAM store")?;
+    let events = dataplane
+        .datapath
+        .take_events()
+        .context("opening the datapath event ring")?;
+
+    let state: SharedState<KernelDataplane> =
+        Arc::new(Mutex::new(NodeState::new(store, dataplane, pod_mtu)));
+    let counters: SharedCounters = Arc::new(Mutex::new(EventCounters::default()));
+
+    let listener = server::bind(&config.socket)?;
+    let server = spawn("cni-server", {
+        let state = Arc::clone(&state);
+        move || server::serve(listener, state)
+    })?;
+    spawn("events", {
+        let counters = Arc::clone(&counters);
+        move || event_loop(events, counters)
+    })?;
+    let id = NodeIdentity {
+        name: config.node_name.clone(),
+        ip: node_ip,
+        cluster_cidr: config.cluster_pod_cidr,
+    };
+    spawn("watch", {
+        let state = Arc::clone(&state);
+        move || watch::watch_loop(source, state, id)
+    })?;
+    tracing::info!(node = %config.node_name, %node_ip, socket = %config.socket.display(), "agent started");
+    Ok(AgentHandle {
+        state,
+        counters,
+        node_ip,
+        server,
+    })
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .with_context(|| format!("starting the {name} thread"))
+}
+
+fn event_loop(mut reader: ferrum_datapath::bpf::EventReader, counters: SharedCounters) {
+    use ferrum_datapath::bpf::EventKind;
+    loop {
+        let batch = match reader.poll(Duration::from_secs(1)) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("reading datapath events failed: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
+        for ev in batch {
+            let kind = match ev.kind {
+                EventKind::Drop => Kind::Drop,
+                EventKind::Trace => Kind::Trace,
+                EventKind::Unknown(_) => Kind::Unknown,
+            };
+            let reason = ev.reason.to_string();
+            let first = c.record(kind, &reason);
+            if kind == Kind::Drop && first {
+                tracing::info!(reason = %reason, src = %ev.src, dst = %ev.dst, proto = ev.proto, ifindex = ev.ifindex, "datapath drop (first of this reason; later ones at debug)");
+            } else {
+                tracing::debug!(?kind, reason = %reason, src = %ev.src, dst = %ev.dst, proto = ev.proto, ifindex = ev.ifindex, "datapath event");
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Consumes the cluster's watch stream: keeps the Node objects, and at every `Synced` realizes
+//! them (this node's block into IPAM, everyone's addresses into the ipcache), then reports.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ferrum_model::{AgentReport, Object, Source, WatchEvent};
+use ipnet::Ipv4Net;
+
+use crate::handler::{Dataplane, NodeState};
+use crate::ipcache::{NodeInfo, desired_ipcache, diff};
+use crate::server::SharedState;
+
+/// The nodes as last listed, rebuilt from scratch after the source reconnects.
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    nodes: BTreeMap<String, NodeInfo>,
+    /// A listing in progress after a reconnect: it replaces `nodes` at its Synced.
+    relisting: Option<BTreeMap<String, NodeInfo>>,
+}
+
+impl NodeTable {
+    pub fn nodes(&self) -> &BTreeMap<String, NodeInfo> {
+        &self.nodes
+    }
+
+    /// The source failed: the next events are a full listing.
+    pub fn start_relist(&mut self) {
+        self.relisting = Some(BTreeMap::new());
+    }
+
+    /// Applies one event; returns the revision when the event is a `Synced`.
+    pub fn apply(&mut self, event: WatchEvent) -> Option<u64> {
+        let target = self.relisting.as_mut().unwrap_or(&mut self.nodes);
+        match event {
+            WatchEvent::Upsert {
+                object: Object::Node(n),
+            } => {
+                let info = NodeInfo::from_node(&n);
+                target.insert(info.name.clone(), info);
+                None
+            }
+            WatchEvent::Delete {
+                object: Object::Node(n),
+            } => {
+                target.remove(n.metadata.name.as_deref().unwrap_or_default());
+                None
+            }
+            WatchEvent::Upsert { .. } | WatchEvent::Delete { .. } => None,
+            WatchEvent::Synced { revision } => {
+                if let Some(listed) = self.relisting.take() {
+                    self.nodes = listed;
+                }
+                Some(revision)
+            }
+        }
+    }
+}
+
+/// Fixed facts about this node the realization needs.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub cluster_cidr: Ipv4Net,
+}
+
+/// This node's block from its Node object, validated against the cluster CIDR.
+pub fn own_block(id: &NodeIdentity, nodes: &BTreeMap<String, NodeInfo>) -> Result<Ipv4Net, String> {
+    let node = nodes
+        .get(&id.name)
+        .ok_or_else(|| format!("Node {:?} does not exist in the cluster yet", id.name))?;
+    let block = *node
+        .pod_cidrs
+        .first()
+        .ok_or_else(|| format!("Node {:?} has no IPv4 spec.podCIDR yet", id.name))?;
+    if !id.cluster_cidr.contains(&block) {
+        return Err(format!(
+            "Node {:?} spec.podCIDR {block} is outside the cluster pod CIDR {}; \
+             fix the node's podCIDR or the agent's --cluster-pod-cidr",
+            id.name, id.cluster_cidr
+        ));
+    }
+    Ok(block)
+}
+
+/// Brings IPAM and the ipcache in line with `nodes`. IPAM readiness follows the node's block;
+/// the ipcache is reconciled by diff. Errors name what failed.
+pub fn realize<D: Dataplane>(
+    state: &mut NodeState<D>,
+    id: &NodeIdentity,
+    nodes: &BTreeMap<String, NodeInfo>,
+) -> anyhow::Result<()> {
+    match own_block(id, nodes) {
+        Ok(block) => match state.store.set_block(block) {
+            Ok(changed) => {
+                state.dataplane.configure_block(block)?;
+                if changed || !state.block_confirmed {
+                    tracing::info!(%block, "node pod block set");
+                }
+                state.block_confirmed = true;
+                state.not_ready_reason = None;
+            }
+            Err(e) => {
+                tracing::error!("cannot take the node's pod block {block}: {e}");
+                state.block_confirmed = false;
+                state.not_ready_reason = Some(e.to_string());
+            }
+        },
+        Err(why) => {
+            if state.not_ready_reason.as_deref() != Some(why.as_str()) {
+                tracing::warn!("not ready: {why}");
+            }
+            state.block_confirmed = false;
+            state.not_ready_reason = Some(why);
+        }
+    }
+    // Pods already in the stored block keep their routes even while the block is unconfirmed.
+    let desired = desired_ipcache(id.ip, state.store.pool().block(), &id.name, nodes);
+    let actual = state.dataplane.ipcache()?;
+    let changes = diff(&desired, &actual);
+    for prefix in &changes.removes {
+        state.dataplane.remove_ipcache(*prefix)?;
+    }
+    for (prefix, entry) in &changes.upserts {
+        state.dataplane.upsert_ipcache(*prefix, entry)?;
+    }
+    if !changes.is_empty() {
+        tracing::info!(
+            upserts = changes.upserts.len(),
+            removes = changes.removes.len(),
+            "ipcache reconciled"
+        );
+    }
+    Ok(())
+}
+
+/// Runs until the process ends: consume events, realize at each Synced, report.
+pub fn watch_loop<D: Dataplane>(
+    mut source: Box<dyn Source>,
+    state: SharedState<D>,
+    id: NodeIdentity,
+) {
+    let mut table = NodeTable::default();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let event = match source.next_event() {
+            Ok(e) => {
+                backoff = Duration::from_millis(200);
+                e
+            }
+            Err(e) => {
+                tracing::warn!("cluster watch failed: {e}; retrying in {backoff:?}");
+                table.start_relist();
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let Some(revision) = table.apply(event) else {
+            continue;
+        };
+        let report = {
+            let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+            match realize(&mut guard, &id, table.nodes()) {
+                Ok(()) => AgentReport {
+                    node: id.name.clone(),
+                    ready: guard.ready(),
+                    realized_revision: revision,
+                    message: guard.not_ready_reason.clone().unwrap_or_default(),
+                },
+                Err(e) => {
+                    tracing::error!("realizing revision {revision} failed: {e:#}");
+                    // Not realized: report readiness without claiming the revision.
+                    AgentReport {
+                        node: id.name.clone(),
+                        ready: false,
+                        realized_revision: 0,
+                        message: format!("datapath update failed: {e:#}"),
+                    }
+                }
+            }
+        };
+        if report.realized_revision != 0 {
+            tracing::debug!(revision, ready = report.ready, "realized");
+        }
+        if let Err(e) = source.report(&report) {
+            tracing::warn!("reporting node status failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::IpamStore;
+    use crate::handler::tests::MemDataplane;
+    use crate::ipcache::PeerKind;
+    use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn node(name: &str, ip: &str, cidr: &str) -> Object {
+        Object::Node(Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: Some(cidr.into()),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    address: ip.into(),
+                    type_: "InternalIP".into(),
+                }]),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn id() -> NodeIdentity {
+        NodeIdentity {
+            name: "a".into(),
+            ip: "10.224.0.4".parse().unwrap(),
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+        }
+    }
+
+    fn upsert(o: Object) -> WatchEvent {
+        WatchEvent::Upsert { object: o }
+    }
+
+    #[test]
+    fn relist_after_failure_replaces_the_table() {
+        let mut t = NodeTable::default();
+        t.apply(upsert(node("a", "10.224.0.4", "10.244.0.0/24")));
+        t.apply(upsert(node("b", "10.224.0.5", "10.244.1.0/24")));
+        assert_eq!(t.apply(WatchEvent::Synced { revision: 3 }), Some(3));
+        t.start_relist();
+        t.apply(upsert(node("a", "10.224.0.4", "10.244.0.0/24")));
+        // Until the listing completes, the old table stays in force.
+        assert_eq!(t.nodes().len(), 2);
+        t.apply(WatchEvent::Synced { revision: 9 });
+        assert_eq!(t.nodes().keys().collect::<Vec<_>>(), vec!["a"]);
+    }
+
+    #[test]
+    fn block_outside_cluster_cidr_is_refused() {
+        let mut t = NodeTable::default();
+        t.apply(upsert(node("a", "10.224.0.4", "10.99.0.0/24")));
+        let e = own_block(&id(), t.nodes()).unwrap_err();
+        assert!(e.contains("outside the cluster pod CIDR"), "{e}");
+    }
+
+    #[test]
+    fn realize_sets_block_and_reconciles_ipcache_by_diff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::open(dir.path(), 250).unwrap();
+        let mut s = NodeState::new(store, MemDataplane::default(), 1450);
+        let stray: Ipv4Net = "10.244.77.0/24".parse().unwrap();
+        s.dataplane.ipcache.insert(
+            stray,
+            crate::ipcache::PeerEntry {
+                kind: PeerKind::RemotePodBlock,
+                tunnel_endpoint: Some("10.224.0.77".parse().unwrap()),
+            },
+        );
+        let mut t = NodeTable::default();
+        t.apply(upsert(node("b", "10.224.0.5", "10.244.1.0/24")));
+        realize(&mut s, &id(), t.nodes()).unwrap();
+        assert!(!s.ready(), "own Node not seen yet");
+        assert!(
+            s.not_ready_reason
+                .as_deref()
+                .unwrap()
+                .contains("does not exist")
+        );
+
+        t.apply(upsert(node("a", "10.224.0.4", "10.244.0.0/24")));
+        realize(&mut s, &id(), t.nodes()).unwrap();
+        assert!(s.ready());
+        assert_eq!(
+            s.store.pool().block(),
+            Some("10.244.0.0/24".parse().unwrap())
+        );
+        assert_eq!(s.dataplane.block, s.store.pool().block());
+        assert!(!s.dataplane.ipcache.contains_key(&stray));
+        assert_eq!(s.dataplane.ipcache.len(), 4);
+
+        // Nothing changed: a second pass writes nothing.
+        let writes = s.dataplane.ipcache_writes;
+        realize(&mut s, &id(), t.nodes()).unwrap();
+        assert_eq!(s.dataplane.ipcache_writes, writes);
+
+        // A node leaves: exactly its two entries go.
+        t.apply(WatchEvent::Delete {
+            object: node("b", "10.224.0.5", "10.244.1.0/24"),
+        });
+        realize(&mut s, &id(), t.nodes()).unwrap();
+        assert_eq!(s.dataplane.ipcache_writes, writes + 2);
+        assert_eq!(s.dataplane.ipcache.len(), 2);
+    }
+}
