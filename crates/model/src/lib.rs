@@ -2,8 +2,14 @@
 //! [`Source`] interface through which an agent watches them — the lab's control plane and the
 //! Kubernetes API server are two implementations of it. Pure: no I/O here.
 
+pub mod kind;
 pub mod object;
+pub mod parse;
 pub mod source;
+pub mod validate;
 
+pub use kind::{Kind, ObjectRef};
 pub use object::Object;
+pub use parse::{ParseError, parse_documents};
 pub use source::{AgentReport, Source, SourceError, WatchEvent};
+pub use validate::{ValidationError, normalize, validate};
