@@ -60,21 +60,15 @@ pub enum ProfileError {
     },
     #[error("vnet mode is not available yet: use --network-plugin-mode overlay")]
     VnetNotAvailable,
-    #[error("cannot read lab profile {path}: {source} (is the lab up?)")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("lab profile {path} is corrupt: {source}; remove the lab with `ferrum lab down`")]
+    #[error("cannot read lab profile {path}: {error} (is the lab up?)")]
+    Read { path: String, error: std::io::Error },
+    #[error("lab profile {path} is corrupt: {error}; remove the lab with `ferrum lab down`")]
     Corrupt {
         path: String,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
-    #[error("cannot write lab profile {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot write lab profile {path}: {error}")]
+    Write { path: String, error: std::io::Error },
 }
 
 /// Everything that describes a lab's network; written to `profile.json` at `lab up` and read by
@@ -127,9 +121,12 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
 
 /// Parses a CIDR that must be written in canonical form (no host bits set), naming the option.
 pub fn parse_cidr(option: &'static str, s: &str) -> Result<Ipv4Net, ProfileError> {
-    let parsed: Ipv4Net = s
-        .parse()
-        .map_err(|_| invalid(option, format!("{s:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
+    let parsed: Ipv4Net = s.parse().map_err(|_| {
+        invalid(
+            option,
+            format!("{s:?} is not an IPv4 CIDR like 10.244.0.0/16"),
+        )
+    })?;
     if parsed.trunc() != parsed {
         return Err(invalid(
             option,
@@ -257,10 +254,7 @@ impl NetworkProfile {
         if overlaps(&self.service_cidr, &self.vnet_cidr) {
             return Err(invalid(
                 "service-cidr",
-                format!(
-                    "{} overlaps the VNet {}",
-                    self.service_cidr, self.vnet_cidr
-                ),
+                format!("{} overlaps the VNet {}", self.service_cidr, self.vnet_cidr),
             ));
         }
         if !self.service_cidr.contains(&self.dns_service_ip)
@@ -299,21 +293,21 @@ impl NetworkProfile {
     }
 
     pub fn load(path: &Path) -> Result<Self, ProfileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ProfileError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
-        serde_json::from_str(&text).map_err(|source| ProfileError::Corrupt {
+        serde_json::from_str(&text).map_err(|error| ProfileError::Corrupt {
             path: path.display().to_string(),
-            source,
+            error,
         })
     }
 
     /// Writes the profile atomically (temp file + rename).
     pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
-        let write_err = |source| ProfileError::Write {
+        let write_err = |error| ProfileError::Write {
             path: path.display().to_string(),
-            source,
+            error,
         };
         let text = serde_json::to_string_pretty(self).map_err(|e| write_err(e.into()))?;
         let tmp = path.with_extension("json.tmp");
@@ -477,7 +471,9 @@ mod tests {
                 .to_string()
                 .contains("--pod-cidr")
         );
-        let e = parse_cidr("pod-cidr", "10.244.0.1/16").unwrap_err().to_string();
+        let e = parse_cidr("pod-cidr", "10.244.0.1/16")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("10.244.0.0/16"), "{e}");
         assert!(parse_ip("dns-service-ip", "10.0.0.300").is_err());
     }
@@ -493,7 +489,10 @@ mod tests {
         p.save(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\"podCidr\": \"10.244.0.0/16\""), "{text}");
-        assert!(text.contains("\"networkPluginMode\": \"overlay\""), "{text}");
+        assert!(
+            text.contains("\"networkPluginMode\": \"overlay\""),
+            "{text}"
+        );
         assert_eq!(NetworkProfile::load(&path).unwrap(), p);
         std::fs::write(&path, "{").unwrap();
         assert!(matches!(
