@@ -123,13 +123,14 @@ fn pod_traffic_to_the_external_host_leaves_with_the_node_ip() -> Result<()> {
     Ok(())
 }
 
-fn agent_pid(lab: &Lab, node: &str) -> Result<i32> {
+/// The node's agent pid; None while no agent runs (between a kill and the restart).
+fn agent_pid(lab: &Lab, node: &str) -> Result<Option<i32>> {
     let status = lab.status()?;
     let n = status["nodes"]
         .as_array()
         .and_then(|ns| ns.iter().find(|n| n["name"] == node).cloned())
         .context("node in status")?;
-    Ok(n["agentPid"].as_i64().context("agentPid")? as i32)
+    Ok(n["agentPid"].as_i64().map(|p| p as i32))
 }
 
 #[test]
@@ -167,7 +168,10 @@ fn connections_survive_an_agent_kill_and_the_restarted_agent_serves_new_pods() -
     };
     roundtrip(b"before")?;
 
-    let old = [agent_pid(&lab, "node-0")?, agent_pid(&lab, "node-1")?];
+    let old = [
+        agent_pid(&lab, "node-0")?.context("node-0 agent")?,
+        agent_pid(&lab, "node-1")?.context("node-1 agent")?,
+    ];
     for pid in old {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
     }
@@ -178,10 +182,14 @@ fn connections_survive_an_agent_kill_and_the_restarted_agent_serves_new_pods() -
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let now = [agent_pid(&lab, "node-0")?, agent_pid(&lab, "node-1")?];
+        let restarted = now
+            .iter()
+            .zip(old)
+            .all(|(now, old)| now.is_some_and(|p| p != old));
         let ready = lab.status()?["nodes"]
             .as_array()
             .is_some_and(|ns| ns.iter().all(|n| n["ready"] == true));
-        if now[0] != old[0] && now[1] != old[1] && ready {
+        if restarted && ready {
             break;
         }
         if Instant::now() > deadline {
@@ -232,7 +240,7 @@ fn lab_down_leaves_nothing_behind() -> Result<()> {
     let lab = Lab::up(2, &[])?;
     lab.apply(&pod_yaml("default", "a", "node-1"))?;
     let paths = lab.paths.clone();
-    let agent = agent_pid(&lab, "node-0")?;
+    let agent = agent_pid(&lab, "node-0")?.context("node-0 agent")?;
     drop(lab);
     let netns: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {

@@ -97,7 +97,10 @@ impl PodmanEnv {
     }
 
     fn ip_of(&self, name: &str) -> Result<String> {
-        let fmt = format!("{{{{.NetworkSettings.Networks.{}.IPAddress}}}}", self.network);
+        let fmt = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            self.network
+        );
         let ip = self.podman_ok(&["inspect", "-f", &fmt, name])?.trim().to_string();
         if ip.is_empty() {
             bail!("container {name} has no address on {}", self.network);
@@ -164,6 +167,12 @@ fn podman_containers_on_a_ferrum_network_reach_each_other_and_lab_pods() -> Resu
         .args(["-n", &lab.paths.node_netns("node-0"), "-o", "link"])
         .output()?;
     let links = String::from_utf8_lossy(&links.stdout);
-    assert_eq!(links.matches(": fe").count(), 0, "host veths left: {links}");
+    // Host sides are named `fe` + 12 hex digits (agent_api::host_ifname).
+    let pod_veths: Vec<&str> = links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .filter(|name| name.starts_with("fe") && !name.starts_with("ferrum"))
+        .collect();
+    assert!(pod_veths.is_empty(), "host veths left: {pod_veths:?}");
     Ok(())
 }
