@@ -336,26 +336,37 @@ fn gc_needs_valid_attachments_and_the_agent() {
     assert_eq!(out.code(), 11);
 }
 
-/// ADD / CHECK / DEL against the real ferrum-agent, both inside a test node namespace.
-///
-/// The agent only serves ADD once it knows the node's pod block, which the lab control plane
-/// assigns (Node.spec.podCIDR). Wiring a control plane into this test is left to the lead
-/// (see the report); until then the test is ignored, and it skips if the agent binary has not
-/// been built.
+/// ADD / CHECK / DEL against the real ferrum-agent, both inside a test node namespace, with the
+/// real lab control plane (in this process) giving the node its pod block.
 #[test]
-#[ignore = "needs a lab control plane that assigns the node's podCIDR to the agent"]
 fn add_check_del_round_trip_with_the_real_agent() {
     let agent_bin = Path::new(PLUGIN)
         .parent()
         .expect("target dir")
         .join("ferrum-agent");
-    if !agent_bin.exists() {
-        eprintln!(
-            "SKIP: {} does not exist yet; build it with `cargo build -p ferrum-agent`",
-            agent_bin.display()
-        );
-        return;
-    }
+    assert!(
+        agent_bin.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        agent_bin.display()
+    );
+    let cp_dir = tempfile::tempdir().expect("control plane dir");
+    let cp = ferrum_lab::controlplane::ControlPlane::open(cp_dir.path()).expect("control plane");
+    let node_yaml = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+spec:
+  podCIDR: 10.244.1.0/24
+  podCIDRs: [10.244.1.0/24]
+status:
+  addresses:
+  - {type: InternalIP, address: 10.224.0.10}
+"#;
+    cp.apply(ferrum_model::parse_documents(node_yaml).expect("node yaml"))
+        .expect("apply node");
+    let cp_socket = cp_dir.path().join("cp.sock");
+    let _server = ferrum_lab::server::serve(cp, &cp_socket).expect("serve control plane");
     let node = TestNetns::new("rt-node");
     let pod = TestNetns::new("rt-pod");
     assert!(node.ip("link add eth0 type veth peer name fabric0").0);
@@ -364,7 +375,7 @@ fn add_check_del_round_trip_with_the_real_agent() {
     let state = tempfile::tempdir().expect("state dir");
     let sock = state.path().join("agent.sock").display().to_string();
     let pins = format!("/sys/fs/bpf/ferrum-test-{}", std::process::id());
-    let lab_socket = std::env::var("FERRUM_TEST_LAB_SOCKET").unwrap_or_default();
+    let lab_socket = cp_socket.display().to_string();
     let mut agent = Command::new(&agent_bin)
         .args(["--node-name", "node-1"])
         .arg("--netns")
