@@ -32,6 +32,10 @@ impl NodeTable {
 
     /// Applies one event; returns the revision when the event is a `Synced`.
     pub fn apply(&mut self, event: WatchEvent) -> Option<u64> {
+        if matches!(event, WatchEvent::Relist) {
+            self.start_relist();
+            return None;
+        }
         let target = self.relisting.as_mut().unwrap_or(&mut self.nodes);
         match event {
             WatchEvent::Upsert {
@@ -47,7 +51,7 @@ impl NodeTable {
                 target.remove(n.metadata.name.as_deref().unwrap_or_default());
                 None
             }
-            WatchEvent::Upsert { .. } | WatchEvent::Delete { .. } => None,
+            WatchEvent::Upsert { .. } | WatchEvent::Delete { .. } | WatchEvent::Relist => None,
             WatchEvent::Synced { revision } => {
                 if let Some(listed) = self.relisting.take() {
                     self.nodes = listed;
@@ -238,7 +242,7 @@ mod tests {
         t.apply(upsert(node("a", "10.224.0.4", "10.244.0.0/24")));
         t.apply(upsert(node("b", "10.224.0.5", "10.244.1.0/24")));
         assert_eq!(t.apply(WatchEvent::Synced { revision: 3 }), Some(3));
-        t.start_relist();
+        assert_eq!(t.apply(WatchEvent::Relist), None);
         t.apply(upsert(node("a", "10.224.0.4", "10.244.0.0/24")));
         // Until the listing completes, the old table stays in force.
         assert_eq!(t.nodes().len(), 2);

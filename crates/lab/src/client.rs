@@ -259,7 +259,8 @@ impl Source for LabSource {
                 None => match self.client.watch() {
                     Ok(s) => {
                         tracing::info!(component = %self.component, "watch reconnected; relisting");
-                        self.stream.insert(s)
+                        self.stream = Some(s);
+                        return Ok(WatchEvent::Relist);
                     }
                     Err(e) => {
                         tracing::warn!(component = %self.component, error = %e, retry_in = ?backoff, "watch reconnect failed");

@@ -365,6 +365,7 @@ mod tests {
         // Restart the server: the source reconnects and lists everything again.
         server.shutdown();
         let _server = serve(cp.clone(), &socket).unwrap();
+        assert_eq!(source.next_event().unwrap(), WatchEvent::Relist);
         let mut relisted = Vec::new();
         loop {
             match source.next_event().unwrap() {

@@ -12,6 +12,9 @@ pub enum WatchEvent {
     Upsert { object: Object },
     /// An object was removed (its last known state).
     Delete { object: Object },
+    /// The source reconnected: a complete listing follows (Upserts, then Synced). Anything
+    /// not in that listing is gone.
+    Relist,
     /// Every change up to and including `revision` has been delivered. The first `Synced`
     /// after connecting closes the initial listing.
     Synced { revision: u64 },
@@ -38,9 +41,9 @@ pub enum SourceError {
     Protocol(String),
 }
 
-/// A blocking stream of cluster changes. Implementations reconnect on their own where they can
-/// and then start again with a full listing (Upserts, then Synced), so consumers must treat
-/// the listing after a reconnect as the complete state.
+/// A blocking stream of cluster changes. Implementations reconnect on their own where they can,
+/// announce it with [`WatchEvent::Relist`] and then start again with a full listing (Upserts,
+/// then Synced), which consumers treat as the complete state.
 pub trait Source: Send {
     fn next_event(&mut self) -> Result<WatchEvent, SourceError>;
     fn report(&mut self, report: &AgentReport) -> Result<(), SourceError>;
