@@ -10,7 +10,15 @@ export PATH="$PWD/target/debug:$PATH"
 export FERRUM_LAB=demo
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+# Echo a command the way you would type it (arguments with spaces or shell syntax quoted), then run it.
+run() {
+  local shown='$' a
+  for a in "$@"; do
+    if [[ $a =~ [[:space:]\|\&\;\$] ]]; then shown+=" '$a'"; else shown+=" $a"; fi
+  done
+  printf '%s\n' "$shown"
+  "$@"
+}
 
 step "A fresh lab: a fabric (the cloud network), two nodes with one agent each, an external host"
 ferrum lab down >/dev/null 2>&1 || true
@@ -33,7 +41,7 @@ run ferrum exec -n demo client -- sh -c "echo hi | nc -u -w 1 $web1 53"
 step "Leaving the cluster: the external host sees the node's IP (BPF SNAT on the uplink, no iptables)"
 ext=$(ferrum lab status -o json | python3 -c "import json,sys; s=json.load(sys.stdin); print(s['external']['netns'], s['external']['ip'])")
 ext_ns=${ext% *}; ext_ip=${ext#* }
-nsenter --net="/run/netns/$ext_ns" sh -c "nc -l -p 8080 -s $ext_ip -v -w 5 </dev/null" 2>&1 | sed 's/^/  external host: /' &
+nsenter --net="/run/netns/$ext_ns" sh -c "nc -n -v -l -p 8080 -s $ext_ip -w 5 </dev/null" 2>&1 | sed 's/^/  external host: /' &
 sleep 0.5
 run ferrum exec -n demo client -- sh -c "echo hello from client | nc -w 2 $ext_ip 8080" || true
 wait

@@ -80,11 +80,18 @@ pub enum Reply {
     Allocated(Allocation),
     Done,
     /// Answer to Check.
-    Present { ip: Ipv4Addr, host_ifname: String },
+    Present {
+        ip: Ipv4Addr,
+        host_ifname: String,
+    },
     /// Answer to Gc.
-    Collected { released: Vec<AttachmentKey> },
+    Collected {
+        released: Vec<AttachmentKey>,
+    },
     /// Answer to Status.
-    Ready { free_ips: u32 },
+    Ready {
+        free_ips: u32,
+    },
 }
 
 /// Why the agent refused; the plugin maps this onto CNI error codes.

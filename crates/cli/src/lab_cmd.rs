@@ -1,8 +1,8 @@
 //! `ferrum lab up|down|status|daemon` and `ferrum exec`.
 
+use ferrum_datapath::netns::command_in_netns;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::OpenOptions;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -389,7 +389,13 @@ pub fn exec(name: &str, args: ExecArgs) -> Result<i32> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let netns = paths.pod_netns(&uid);
     let ns_path = fabric::netns_path(&netns);
-    let ns = File::open(&ns_path).with_context(|| {
+    let (program, rest) = args
+        .command
+        .split_first()
+        .context("no command given after --")?;
+    let mut cmd = Command::new(program);
+    cmd.args(rest);
+    command_in_netns(&mut cmd, &ns_path).with_context(|| {
         format!(
             "pod {}/{} has no network namespace yet ({}); is it Running? (`ferrum get pods -n {}`)",
             args.namespace,
@@ -398,26 +404,9 @@ pub fn exec(name: &str, args: ExecArgs) -> Result<i32> {
             args.namespace
         )
     })?;
-    let (program, rest) = args
-        .command
-        .split_first()
-        .context("no command given after --")?;
-    let mut cmd = Command::new(program);
-    cmd.args(rest);
-    let fd = ns.as_raw_fd();
-    // SAFETY: setns is async-signal-safe; `ns` stays open until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("running {program:?} in pod {}/{}", args.namespace, args.pod))?;
-    drop(ns);
     // Ctrl-C reaches the command (same process group); we stay to pass its exit code through.
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe {

@@ -7,7 +7,11 @@ mod lab_cmd;
 mod objects_cmd;
 
 #[derive(Parser)]
-#[command(name = "ferrum", version, about = "Ferrum: eBPF pod networking, and a lab cluster to run it in")]
+#[command(
+    name = "ferrum",
+    version,
+    about = "Ferrum: eBPF pod networking, and a lab cluster to run it in"
+)]
 struct Cli {
     /// Which lab to talk to when several exist.
     #[arg(long, global = true, env = "FERRUM_LAB", default_value = "ferrum")]
@@ -54,6 +58,12 @@ pub struct OutputArgs {
 }
 
 fn main() {
+    // Like other command-line tools, end quietly when the reader of our output goes away
+    // (`ferrum get pods | head`) instead of panicking on EPIPE.
+    // SAFETY: restoring the default disposition of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result: Result<i32> = match cli.command {
         Command::Lab { command } => match command {

@@ -313,6 +313,11 @@ fn cmd_gc(conf: &NetConf) -> Result<(), CniError> {
         .collect();
     match agent::call(&conf.agent_socket, &Request::Gc { valid }) {
         Ok(Reply::Collected { released }) => {
+            // The agent freed the addresses; the host ends of their veths are ours to remove
+            // (deleting one removes its pod end too).
+            for key in &released {
+                pod::remove(&host_ifname(key)).map_err(|e| kernel_error("GC", e))?;
+            }
             tracing::info!(released = released.len(), "garbage collected attachments");
             Ok(())
         }

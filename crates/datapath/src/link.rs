@@ -393,6 +393,7 @@ impl Netlink {
                     self.set_mtu(name, mtu)?;
                 }
                 self.set_noarp(name)?;
+                set_sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1")?;
                 self.set_up(name)?;
                 return self.link(name)?.ok_or_else(|| LinkError::NoSuchLink {
                     name: name.to_string(),
@@ -410,12 +411,15 @@ impl Netlink {
             .collect_metadata(true)
             .mtu(mtu)
             .arp(false)
-            .up()
             .build();
         let r = self
             .runtime
             .block_on(async { self.handle.link().add(msg).execute().await });
         Self::wrap("create vxlan device", name, r)?;
+        // The overlay carries IPv4 only: without this, bringing the device up sends IPv6
+        // router solicitations and MLD reports that the overlay program can only drop.
+        set_sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1")?;
+        self.set_up(name)?;
         self.link(name)?.ok_or_else(|| LinkError::NoReply {
             op: "create vxlan device",
             object: name.to_string(),

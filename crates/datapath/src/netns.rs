@@ -79,6 +79,26 @@ pub fn netns_exists(path: &Path) -> bool {
     }
 }
 
+/// Makes `cmd` start inside the network namespace at `path`: the child joins it between fork
+/// and exec, so the program never runs a single instruction in the parent's namespace. The
+/// namespace file is opened now (errors surface here, not at spawn) and kept by `cmd`.
+pub fn command_in_netns(cmd: &mut std::process::Command, path: &Path) -> Result<(), NetnsError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let ns = open_netns(path)?;
+    // SAFETY: the closure runs between fork and exec and only calls setns(2), which is
+    // async-signal-safe; `ns` is owned by the closure, so the fd is open until the Command goes.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Opens a namespace file for setns(2) or IFLA_NET_NS_FD.
 pub fn open_netns(path: &Path) -> Result<File, NetnsError> {
     File::open(path).map_err(|source| NetnsError::Open {
@@ -170,6 +190,31 @@ mod tests {
         let err = run_in_netns(&file, || ()).expect_err("setns on a regular file must fail");
         assert!(matches!(err, NetnsError::Join { .. }), "{err:?}");
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn commands_start_inside_the_namespace() {
+        use std::os::unix::fs::MetadataExt;
+        let ns = TestNetns::new("cmd");
+        let target = std::fs::metadata(ns.path()).expect("stat test netns").ino();
+        let mut cmd = Command::new("stat");
+        cmd.args(["-L", "-c", "%i", "/proc/self/ns/net"]);
+        command_in_netns(&mut cmd, &ns.path()).expect("prepare command");
+        let out = cmd.output().expect("run stat");
+        assert!(out.status.success());
+        let inode: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("inode");
+        assert_eq!(inode, target);
+        assert_ne!(
+            inode,
+            current_netns_inode(),
+            "the caller stays where it was"
+        );
+        let missing = PathBuf::from(format!("/run/netns/fe-missing-cmd-{}", std::process::id()));
+        let err = command_in_netns(&mut Command::new("true"), &missing).expect_err("must fail");
+        assert!(matches!(err, NetnsError::Open { .. }), "{err:?}");
     }
 
     #[test]

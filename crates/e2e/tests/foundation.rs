@@ -44,7 +44,11 @@ fn node_ip(lab: &Lab, node: &str) -> Result<Ipv4Addr> {
         .iter()
         .find(|n| n["name"] == node)
         .with_context(|| format!("node {node} not in status"))?;
-    n["ip"].as_str().context("node ip")?.parse().context("node ip")
+    n["ip"]
+        .as_str()
+        .context("node ip")?
+        .parse()
+        .context("node ip")
 }
 
 #[test]
@@ -110,7 +114,9 @@ fn pod_traffic_to_the_external_host_leaves_with_the_node_ip() -> Result<()> {
     assert_ne!(peer.ip(), std::net::IpAddr::V4(lab.pod_ip("default", "a")?));
 
     // UDP too: an echo from the external host comes back to the pod through reverse SNAT.
-    let udp = run_in_netns(&lab.external_netns(), move || UdpSocket::bind((ext_ip, 5353)))??;
+    let udp = run_in_netns(&lab.external_netns(), move || {
+        UdpSocket::bind((ext_ip, 5353))
+    })??;
     let echo = std::thread::spawn(move || -> Result<SocketAddr> {
         let mut buf = [0u8; 64];
         let (n, peer) = udp.recv_from(&mut buf)?;
@@ -136,7 +142,13 @@ fn agent_pid(lab: &Lab, node: &str) -> Result<Option<i32>> {
 #[test]
 fn connections_survive_an_agent_kill_and_the_restarted_agent_serves_new_pods() -> Result<()> {
     let lab = Lab::up(2, &[])?;
-    lab.apply(&[pod_yaml("default", "a", "node-0"), pod_yaml("default", "b", "node-1")].join("---\n"))?;
+    lab.apply(
+        &[
+            pod_yaml("default", "a", "node-0"),
+            pod_yaml("default", "b", "node-1"),
+        ]
+        .join("---\n"),
+    )?;
     let b_ip = lab.pod_ip("default", "b")?;
     let a_ns = lab.pod_netns("default", "a")?;
     let b_ns = lab.pod_netns("default", "b")?;
@@ -173,7 +185,10 @@ fn connections_survive_an_agent_kill_and_the_restarted_agent_serves_new_pods() -
         agent_pid(&lab, "node-1")?.context("node-1 agent")?,
     ];
     for pid in old {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
     }
     // With both agents dead the datapath keeps forwarding.
     roundtrip(b"agents down")?;
@@ -200,7 +215,13 @@ fn connections_survive_an_agent_kill_and_the_restarted_agent_serves_new_pods() -
     roundtrip(b"agents back")?;
 
     // New pods work with the restarted agents, on both nodes, and reach the old ones.
-    lab.apply(&[pod_yaml("default", "c", "node-0"), pod_yaml("default", "d", "node-1")].join("---\n"))?;
+    lab.apply(
+        &[
+            pod_yaml("default", "c", "node-0"),
+            pod_yaml("default", "d", "node-1"),
+        ]
+        .join("---\n"),
+    )?;
     let c_ns = lab.pod_netns("default", "c")?;
     assert_eq!(tcp_read(&c_ns, lab.pod_ip("default", "d")?, 80)?, "d\n");
     assert_eq!(tcp_read(&c_ns, lab.pod_ip("default", "a")?, 80)?, "a\n");
@@ -225,7 +246,10 @@ fn bad_input_is_refused_and_nothing_is_half_created() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Gadget"), "error should name the kind: {err}");
     // A pod pinned to a node that does not exist.
-    let out = lab.ferrum(&["apply", "-f", "-"], Some(&pod_yaml("default", "lost", "node-9")))?;
+    let out = lab.ferrum(
+        &["apply", "-f", "-"],
+        Some(&pod_yaml("default", "lost", "node-9")),
+    )?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node-9"), "error should name the node: {err}");
@@ -257,6 +281,130 @@ fn lab_down_leaves_nothing_behind() -> Result<()> {
     assert!(
         !Path::new(&format!("/proc/{agent}")).exists(),
         "agent {agent} still running"
+    );
+    Ok(())
+}
+
+/// Runs the real ferrum-cni inside a node's namespace, as a runtime on that node would.
+fn cni(
+    lab: &Lab,
+    node: &str,
+    env: &[(&str, &str)],
+    config: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(ferrum_e2e::bin("ferrum-cni"));
+    cmd.env_clear()
+        .env("CNI_PATH", ferrum_e2e::bin_dir())
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    ferrum_datapath::netns::command_in_netns(&mut cmd, &lab.node_netns(node))?;
+    let mut child = cmd.spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(config.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let json: serde_json::Value = if out.stdout.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&out.stdout)?
+    };
+    if !out.status.success() {
+        bail!(
+            "ferrum-cni {env:?} failed: {json} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(json)
+}
+
+#[test]
+fn cni_gc_releases_attachments_the_runtime_no_longer_has() -> Result<()> {
+    let lab = Lab::up(1, &[])?;
+    lab.apply(&pod_yaml("default", "kept", "node-0"))?;
+    let kept_uid = lab.pod("default", "kept")?["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .replace('-', "");
+    let config = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "ferrum", "type": "ferrum-cni",
+        "agentSocket": lab.paths.agent_socket("node-0"),
+    });
+    // A sandbox the runtime does not know about (as if it crashed between ADD and recording it);
+    // its netns carries the lab's prefix so `lab down` removes it whatever happens here.
+    let leak_ns = lab.paths.pod_netns("leak0000-0000");
+    let status = std::process::Command::new("ip")
+        .args(["netns", "add", &leak_ns])
+        .status()?;
+    assert!(status.success());
+    let leak_path = format!("/run/netns/{leak_ns}");
+    let add = cni(
+        &lab,
+        "node-0",
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "leak1"),
+            ("CNI_NETNS", &leak_path),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        &config,
+    )?;
+    let leaked: Ipv4Addr = add["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .context("ADD result address")?
+        .parse()?;
+
+    let check = |id: &str, netns: &str, ip: Ipv4Addr| {
+        let mut c = config.clone();
+        c["prevResult"] = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "ips": [{"address": format!("{ip}/32")}],
+        });
+        cni(
+            &lab,
+            "node-0",
+            &[
+                ("CNI_COMMAND", "CHECK"),
+                ("CNI_CONTAINERID", id),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            &c,
+        )
+    };
+    check("leak1", &leak_path, leaked).context("the leaked attachment before GC")?;
+
+    let mut gc_config = config.clone();
+    gc_config["cni.dev/valid-attachments"] =
+        serde_json::json!([{"containerID": kept_uid, "ifname": "eth0"}]);
+    cni(&lab, "node-0", &[("CNI_COMMAND", "GC")], &gc_config)?;
+
+    // The leaked attachment is gone (CHECK fails, its veth is gone), the kept pod is untouched.
+    assert!(
+        check("leak1", &leak_path, leaked).is_err(),
+        "leaked attachment survived GC"
+    );
+    let kept_ns = lab.pod_netns("default", "kept")?.display().to_string();
+    check(&kept_uid, &kept_ns, lab.pod_ip("default", "kept")?).context("the kept pod after GC")?;
+    let links = std::process::Command::new("ip")
+        .args(["-n", &leak_ns, "link", "show", "eth0"])
+        .output()?;
+    assert!(!links.status.success(), "the leaked pod end should be gone");
+    // The address is free again: a new pod can get it eventually (round robin), and the kept
+    // pod still answers.
+    assert_ne!(leaked, lab.pod_ip("default", "kept")?);
+    assert_eq!(
+        tcp_read(
+            &lab.node_netns("node-0"),
+            lab.pod_ip("default", "kept")?,
+            80
+        )?,
+        "kept\n"
     );
     Ok(())
 }

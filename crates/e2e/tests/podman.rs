@@ -38,7 +38,10 @@ impl PodmanEnv {
                 "agentSocket": lab.paths.agent_socket(node),
             }]
         });
-        std::fs::write(net_dir.join(format!("{network}.conflist")), conflist.to_string())?;
+        std::fs::write(
+            net_dir.join(format!("{network}.conflist")),
+            conflist.to_string(),
+        )?;
         std::fs::write(
             dir.join("containers.conf"),
             format!(
@@ -89,9 +92,27 @@ impl PodmanEnv {
         let net = self.network.clone();
         self.containers.push(name.to_string());
         self.podman_ok(&[
-            "run", "-d", "--name", name, "--ulimit", "nproc=1000:1000", "--ulimit",
-            "nofile=1000:1000", "--network", &net, "--rootfs", &rootfs, "/bin/busybox", "nc",
-            "-ll", "-p", "80", "-e", "/bin/busybox", "echo", name,
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--ulimit",
+            "nproc=1000:1000",
+            "--ulimit",
+            "nofile=1000:1000",
+            "--network",
+            &net,
+            "--rootfs",
+            &rootfs,
+            "/bin/busybox",
+            "nc",
+            "-ll",
+            "-p",
+            "80",
+            "-e",
+            "/bin/busybox",
+            "echo",
+            name,
         ])?;
         Ok(())
     }
@@ -101,7 +122,10 @@ impl PodmanEnv {
             "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
             self.network
         );
-        let ip = self.podman_ok(&["inspect", "-f", &fmt, name])?.trim().to_string();
+        let ip = self
+            .podman_ok(&["inspect", "-f", &fmt, name])?
+            .trim()
+            .to_string();
         if ip.is_empty() {
             bail!("container {name} has no address on {}", self.network);
         }
@@ -112,8 +136,17 @@ impl PodmanEnv {
     fn run(&self, args: &[&str]) -> Result<String> {
         let rootfs = self.rootfs();
         let mut full = vec![
-            "run", "--rm", "--ulimit", "nproc=1000:1000", "--ulimit", "nofile=1000:1000",
-            "--network", &self.network, "--rootfs", &rootfs, "/bin/busybox",
+            "run",
+            "--rm",
+            "--ulimit",
+            "nproc=1000:1000",
+            "--ulimit",
+            "nofile=1000:1000",
+            "--network",
+            &self.network,
+            "--rootfs",
+            &rootfs,
+            "/bin/busybox",
         ];
         full.extend_from_slice(args);
         self.podman_ok(&full)
@@ -147,7 +180,10 @@ fn podman_containers_on_a_ferrum_network_reach_each_other_and_lab_pods() -> Resu
     let server = format!("{}-c1", lab.name);
     podman.start_server(&server)?;
     let server_ip = podman.ip_of(&server)?;
-    assert!(server_ip.starts_with("10.244."), "address from the node's block: {server_ip}");
+    assert!(
+        server_ip.starts_with("10.244."),
+        "address from the node's block: {server_ip}"
+    );
 
     // Container -> container on the same node, then container -> lab pod on the other node.
     let out = podman.run(&["nc", "-w", "3", &server_ip, "80"])?;
@@ -157,7 +193,12 @@ fn podman_containers_on_a_ferrum_network_reach_each_other_and_lab_pods() -> Resu
     // And the lab pod reaches the container.
     let remote_ns = lab.pod_netns("default", "remote")?;
     let (code, out) = lab.exec("default", "remote", &["nc", "-w", "3", &server_ip, "80"])?;
-    assert_eq!((code, out.trim()), (0, server.as_str()), "from {}", remote_ns.display());
+    assert_eq!(
+        (code, out.trim()),
+        (0, server.as_str()),
+        "from {}",
+        remote_ns.display()
+    );
 
     // Removing the container calls CNI DEL: its address goes back to the node's pool and the
     // host side of its veth is gone.

@@ -3,9 +3,9 @@
 //! DaemonSet) and runs one runtime per node. Exits cleanly on SIGTERM/SIGINT: agents are
 //! stopped; pods (namespaces, processes) stay so a restarted daemon adopts them.
 
+use ferrum_datapath::netns::command_in_netns;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -196,6 +196,7 @@ pub fn run(paths: &LabPaths) -> Result<(), DaemonError> {
             profile: profile.clone(),
             node: node.clone(),
             binary: bin.join(AGENT_BINARY),
+            cp: cp.clone(),
         };
         let s = stop.clone();
         threads.push(std::thread::spawn(move || supervisor.run(&s)));
@@ -273,6 +274,7 @@ struct AgentSupervisor {
     profile: NetworkProfile,
     node: String,
     binary: PathBuf,
+    cp: ControlPlane,
 }
 
 enum Running {
@@ -334,6 +336,17 @@ impl AgentSupervisor {
                 backoff = Duration::from_millis(500);
             }
             warn!(node = %self.node, %status, log = %agent_log(&self.paths, &self.node).display(), ?backoff, "agent exited; restarting");
+            // Its last report no longer holds: the node is not ready, and nothing is realized
+            // there until the next agent says so (apply waits for it).
+            self.cp.report(
+                &format!("agent/{}", self.node),
+                ferrum_model::AgentReport {
+                    node: self.node.clone(),
+                    ready: false,
+                    realized_revision: 0,
+                    message: format!("agent exited ({status}); restarting"),
+                },
+            );
             sleep_unless_stopped(backoff, stop);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -384,14 +397,10 @@ impl AgentSupervisor {
             .stderr(log);
         // The agent also enters --netns itself; starting it there already means nothing it does
         // before that can touch the root namespace.
-        let ns = File::open(&netns)?;
-        let fd = ns.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (setns, sigprocmask) between fork and exec.
+        command_in_netns(&mut cmd, &netns).map_err(std::io::Error::other)?;
+        // SAFETY: only sigemptyset/pthread_sigmask (async-signal-safe) between fork and exec.
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            cmd.pre_exec(|| {
                 // The daemon blocks SIGTERM; the agent must not inherit that.
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
@@ -399,9 +408,7 @@ impl AgentSupervisor {
                 Ok(())
             });
         }
-        let child = cmd.spawn();
-        drop(ns);
-        child
+        cmd.spawn()
     }
 
     fn stop_agent(&self, proc: &mut Running) {

@@ -7,13 +7,11 @@
 //! (`LabPaths::netns_prefix`) so `down` can find leftovers.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{debug, info, warn};
@@ -105,19 +103,9 @@ pub fn delete_netns(name: &str) -> Result<(), FabricError> {
 /// Runs `f` on a fresh thread that has joined the named namespace; the caller's thread keeps
 /// its own namespace.
 pub fn run_in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T, FabricError> {
-    let path = netns_path(netns);
-    let fail = |reason: String| FabricError::Netns {
+    ferrum_datapath::netns::run_in_netns(&netns_path(netns), f).map_err(|e| FabricError::Netns {
         netns: netns.to_string(),
-        reason,
-    };
-    let file = File::open(&path).map_err(|e| fail(format!("open {}: {e}", path.display())))?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| fail(format!("setns: {e}")))?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| fail("the thread running in it panicked".into()))?
+        reason: e.to_string(),
     })
 }
 

@@ -109,7 +109,10 @@ mod tests {
         assert_ne!(a.cp_socket(), b.cp_socket());
         assert_ne!(a.node_netns("node-0"), b.node_netns("node-0"));
         assert!(a.node_netns("node-0").starts_with(&a.netns_prefix()));
-        assert!(a.pod_netns("1234-5678-9abc-def0").starts_with(&a.netns_prefix()));
+        assert!(
+            a.pod_netns("1234-5678-9abc-def0")
+                .starts_with(&a.netns_prefix())
+        );
         assert_eq!(a.pod_netns("1234-5678-9abc-def0"), "fe-a-p-123456789abc");
     }
 }

@@ -10,6 +10,7 @@
 //! `run_dir/nodes/<node>/pods/<uid>.json`; a restarted runtime adopts a pod whose record, spec,
 //! namespace and IP still match, without running CNI ADD again.
 
+use ferrum_datapath::netns::command_in_netns;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -50,6 +51,7 @@ pub const CNI_PLUGIN: &str = "ferrum-cni";
 const CNI_TRY_AGAIN: u64 = 11;
 const CNI_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(200);
+const GC_RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -156,16 +158,8 @@ pub fn run_cni(
     pod: &PodIdent,
     pod_netns: &str,
 ) -> Result<serde_json::Value, CniFailure> {
-    let fail = |code, message: String| CniFailure { code, message };
-    let plugin = cfg.bin_dir.join(CNI_PLUGIN);
     let list = conflist(&cfg.paths.agent_socket(&cfg.node));
     let stdin = plugin_config(&list).to_string();
-    let node_ns = File::open(fabric::netns_path(&cfg.node_netns())).map_err(|e| {
-        fail(
-            None,
-            format!("cannot open node netns {}: {e}", cfg.node_netns()),
-        )
-    })?;
     let cni_args = format!(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
         pod.namespace,
@@ -173,31 +167,47 @@ pub fn run_cni(
         pod.container_id(),
         pod.uid
     );
-    let mut cmd = Command::new(&plugin);
-    cmd.env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", pod.container_id())
+    let mut cmd = Command::new(cfg.bin_dir.join(CNI_PLUGIN));
+    cmd.env("CNI_CONTAINERID", pod.container_id())
         .env("CNI_NETNS", fabric::netns_path(pod_netns))
         .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", cni_args);
+    exec_plugin(cfg, cmd, command, &stdin)
+}
+
+/// CNI GC, as containerd runs it: every attachment not listed as valid is released.
+pub fn run_cni_gc(cfg: &RuntimeConfig, valid_container_ids: &[String]) -> Result<(), CniFailure> {
+    let list = conflist(&cfg.paths.agent_socket(&cfg.node));
+    let mut config = plugin_config(&list);
+    config["cni.dev/valid-attachments"] = valid_container_ids
+        .iter()
+        .map(|id| serde_json::json!({"containerID": id, "ifname": "eth0"}))
+        .collect();
+    let cmd = Command::new(cfg.bin_dir.join(CNI_PLUGIN));
+    exec_plugin(cfg, cmd, "GC", &config.to_string()).map(|_| ())
+}
+
+/// Runs the plugin in the node's namespace with the common CNI environment and `stdin`, and
+/// interprets its result or CNI error.
+fn exec_plugin(
+    cfg: &RuntimeConfig,
+    mut cmd: Command,
+    command: &str,
+    stdin: &str,
+) -> Result<serde_json::Value, CniFailure> {
+    let fail = |code, message: String| CniFailure { code, message };
+    let plugin = cfg.bin_dir.join(CNI_PLUGIN);
+    cmd.env("CNI_COMMAND", command)
         .env("CNI_PATH", &cfg.bin_dir)
-        .env("CNI_ARGS", cni_args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // The plugin runs in the node's namespace, as it would under containerd on that node.
-    let fd = node_ns.as_raw_fd();
-    // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    command_in_netns(&mut cmd, &fabric::netns_path(&cfg.node_netns()))
+        .map_err(|e| fail(None, format!("node netns {}: {e}", cfg.node_netns())))?;
     let mut child = cmd
         .spawn()
         .map_err(|e| fail(None, format!("cannot run {}: {e}", plugin.display())))?;
-    drop(node_ns);
     if let Some(mut input) = child.stdin.take() {
         let _ = input.write_all(stdin.as_bytes());
     }
@@ -348,6 +358,9 @@ impl Runtime {
         self.write_conflist()?;
         let events = self.cp.subscribe();
         let mut listing: Option<Vec<String>> = Some(Vec::new());
+        // CNI GC after the first complete listing (as containerd does at start), retried until
+        // the agent answers.
+        let mut gc_due: Option<Instant> = None;
         while !stop.load(Ordering::Relaxed) {
             match events.recv_timeout(TICK) {
                 Ok(WatchEvent::Upsert {
@@ -367,6 +380,7 @@ impl Runtime {
                 Ok(WatchEvent::Synced { revision }) => {
                     if let Some(uids) = listing.take() {
                         self.collect_orphans(&uids);
+                        gc_due = Some(Instant::now());
                     }
                     self.report(revision);
                 }
@@ -378,12 +392,35 @@ impl Runtime {
                     });
                 }
             }
+            if gc_due.is_some_and(|due| Instant::now() >= due) {
+                gc_due = self.garbage_collect().err().map(|e| {
+                    warn!(node = %self.cfg.node, error = %e, "CNI GC failed; retrying");
+                    Instant::now() + GC_RETRY
+                });
+            }
             self.retry_pending();
             self.reap();
         }
         for pod in self.running.values_mut() {
             stop_servers(&mut pod.servers);
         }
+        Ok(())
+    }
+
+    /// Releases every address the node's agent holds for a sandbox this runtime does not have.
+    fn garbage_collect(&self) -> Result<(), CniFailure> {
+        let valid: Vec<String> = self
+            .running
+            .values()
+            .map(|p| p.record.ident.container_id())
+            .chain(
+                self.pending
+                    .values()
+                    .map(|p| ident_of(&p.pod).container_id()),
+            )
+            .collect();
+        run_cni_gc(&self.cfg, &valid)?;
+        info!(node = %self.cfg.node, valid = valid.len(), "CNI GC done");
         Ok(())
     }
 
@@ -837,22 +874,10 @@ pub fn waiting_status(pod: &Pod, host_ip: Ipv4Addr, message: &str) -> PodStatus 
 
 /// Spawns `cmd` with its network namespace set to the named one, stdout/stderr appended to `log`.
 pub fn spawn_in_netns(mut cmd: Command, netns: &str, log: &Path) -> std::io::Result<Child> {
-    let ns = File::open(fabric::netns_path(netns))?;
+    command_in_netns(&mut cmd, &fabric::netns_path(netns)).map_err(std::io::Error::other)?;
     let out = OpenOptions::new().create(true).append(true).open(log)?;
     cmd.stdout(out.try_clone()?).stderr(out);
-    let fd = ns.as_raw_fd();
-    // SAFETY: setns is async-signal-safe; `ns` outlives spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn();
-    drop(ns);
-    child
+    cmd.spawn()
 }
 
 fn stop_servers(servers: &mut Vec<Server>) {
