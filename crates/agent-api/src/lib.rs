@@ -40,6 +40,9 @@ pub enum Request {
         netns: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pod: Option<PodRef>,
+        /// The CNI network name (the conflist's `name`): GC is scoped to one network.
+        #[serde(default)]
+        network: String,
     },
     /// Step 2 of CNI ADD, after the plugin has built the veth pair and configured the pod side:
     /// the agent attaches the datapath to the host side and publishes the endpoint.
@@ -54,8 +57,13 @@ pub enum Request {
     Release { key: AttachmentKey },
     /// CNI CHECK: does the agent hold this attachment, attached and published?
     Check { key: AttachmentKey },
-    /// CNI GC: release every attachment not in `valid`.
-    Gc { valid: Vec<AttachmentKey> },
+    /// CNI GC: release every attachment of `network` not in `valid`. Attachments made for
+    /// other networks served by the same agent (another runtime's conflist) are left alone.
+    Gc {
+        valid: Vec<AttachmentKey>,
+        #[serde(default)]
+        network: String,
+    },
     /// CNI STATUS: can the agent serve ADD now?
     Status,
 }
@@ -190,6 +198,7 @@ mod tests {
                 name: "a".into(),
                 uid: String::new(),
             }),
+            network: "ferrum".into(),
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains(r#""op":"allocate""#), "{s}");

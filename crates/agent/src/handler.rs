@@ -28,6 +28,9 @@ pub struct Attachment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
     pub netns: String,
+    /// The CNI network the runtime attached through (GC is per network).
+    #[serde(default)]
+    pub network: String,
     /// Set once the endpoint is attached (Attach succeeded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<EndpointSpec>,
@@ -113,7 +116,12 @@ impl<D: Dataplane> NodeState<D> {
     /// Serves one CNI API request.
     pub fn handle(&mut self, req: Request) -> Result<Reply, AgentError> {
         match req {
-            Request::Allocate { key, netns, pod } => self.allocate(key, netns, pod),
+            Request::Allocate {
+                key,
+                netns,
+                pod,
+                network,
+            } => self.allocate(key, netns, pod, network),
             Request::Attach {
                 key,
                 host_ifname,
@@ -131,7 +139,7 @@ impl<D: Dataplane> NodeState<D> {
             ),
             Request::Release { key } => self.release(&key).map(|_| Reply::Done),
             Request::Check { key } => self.check(&key),
-            Request::Gc { valid } => self.gc(valid),
+            Request::Gc { valid, network } => self.gc(valid, &network),
             Request::Status => {
                 self.require_ready()?;
                 Ok(Reply::Ready {
@@ -146,6 +154,7 @@ impl<D: Dataplane> NodeState<D> {
         key: AttachmentKey,
         netns: String,
         pod: Option<PodRef>,
+        network: String,
     ) -> Result<Reply, AgentError> {
         validate_key(&key)?;
         if netns.is_empty() {
@@ -158,6 +167,7 @@ impl<D: Dataplane> NodeState<D> {
         let owner = Attachment {
             pod,
             netns,
+            network,
             endpoint: None,
         };
         let (ip, fresh) = self
@@ -274,14 +284,14 @@ impl<D: Dataplane> NodeState<D> {
         })
     }
 
-    fn gc(&mut self, valid: Vec<AttachmentKey>) -> Result<Reply, AgentError> {
+    fn gc(&mut self, valid: Vec<AttachmentKey>, network: &str) -> Result<Reply, AgentError> {
         let valid: BTreeSet<AttachmentKey> = valid.into_iter().collect();
         let stale: Vec<AttachmentKey> = self
             .store
             .pool()
             .leases()
+            .filter(|(k, lease)| lease.owner.network == network && !valid.contains(*k))
             .map(|(k, _)| k)
-            .filter(|k| !valid.contains(*k))
             .cloned()
             .collect();
         let mut released = Vec::new();
@@ -379,10 +389,19 @@ pub(crate) mod tests {
     }
 
     fn alloc(s: &mut NodeState<MemDataplane>, id: &str) -> Result<Allocation, AgentError> {
+        alloc_on(s, id, "ferrum")
+    }
+
+    fn alloc_on(
+        s: &mut NodeState<MemDataplane>,
+        id: &str,
+        network: &str,
+    ) -> Result<Allocation, AgentError> {
         match s.handle(Request::Allocate {
             key: key(id),
             netns: format!("/run/netns/{id}"),
             pod: None,
+            network: network.into(),
         })? {
             Reply::Allocated(a) => Ok(a),
             other => panic!("unexpected {other:?}"),
@@ -519,9 +538,13 @@ pub(crate) mod tests {
             alloc(&mut s, id).unwrap();
             s.handle(attach_req(id)).unwrap();
         }
+        // Another runtime's network on the same agent: not this GC's business.
+        alloc_on(&mut s, "other", "podman-net").unwrap();
+        s.handle(attach_req("other")).unwrap();
         let reply = s
             .handle(Request::Gc {
                 valid: vec![key("b")],
+                network: "ferrum".into(),
             })
             .unwrap();
         assert_eq!(
@@ -530,10 +553,10 @@ pub(crate) mod tests {
                 released: vec![key("a"), key("c")]
             }
         );
-        assert_eq!(s.dataplane.endpoints.len(), 1);
+        assert_eq!(s.dataplane.endpoints.len(), 2);
         assert_eq!(
             s.handle(Request::Status).unwrap(),
-            Reply::Ready { free_ips: 249 }
+            Reply::Ready { free_ips: 248 }
         );
     }
 }

@@ -100,6 +100,7 @@ mod tests {
         Attachment {
             pod: None,
             netns: "/run/netns/x".into(),
+            network: "ferrum".into(),
             endpoint: Some(EndpointSpec {
                 host_ifname: ifname.into(),
                 host_ifindex: ifindex,

@@ -179,6 +179,7 @@ fn agent_serves_cni_api_and_realizes_nodes_in_the_kernel() {
         key: key.clone(),
         netns: "/run/netns/pod".into(),
         pod: None,
+        network: "ferrum".into(),
     };
     // No block yet: not ready, try again later.
     assert_eq!(

@@ -147,6 +147,7 @@ fn cmd_add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniError> {
             key: key.clone(),
             netns: netns.display().to_string(),
             pod,
+            network: conf.name.clone(),
         },
     ) {
         Ok(Reply::Allocated(a)) => a,
@@ -311,7 +312,11 @@ fn cmd_gc(conf: &NetConf) -> Result<(), CniError> {
             ifname: v.ifname.clone(),
         })
         .collect();
-    match agent::call(&conf.agent_socket, &Request::Gc { valid }) {
+    let request = Request::Gc {
+        valid,
+        network: conf.name.clone(),
+    };
+    match agent::call(&conf.agent_socket, &request) {
         Ok(Reply::Collected { released }) => {
             // The agent freed the addresses; the host ends of their veths are ours to remove
             // (deleting one removes its pod end too).
