@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -11,24 +11,25 @@ use anyhow::{Context, Result, bail};
 use ferrum_lab::profile::LabPaths;
 use serde_json::Value;
 
-/// Directory holding the workspace's binaries (`ferrum`, `ferrum-agent`, `ferrum-cni`): the
-/// test executable lives in `<target>/<profile>/deps/`.
+pub mod bench;
+
+/// Directory holding the workspace's binaries (`ferrum`, `ferrum-agent`, `ferrum-cni`): next to
+/// the running program, or one level up for test executables in `<target>/<profile>/deps/`.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile> directory")
-        .to_path_buf()
+    ferrum_lab::daemon::bin_dir()
 }
 
-pub fn bin(name: &str) -> PathBuf {
+/// Path of a workspace binary, checked to exist.
+pub fn bin(name: &str) -> Result<PathBuf> {
     let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
-        p.display()
-    );
-    p
+    if !p.exists() {
+        bail!(
+            "{} is missing: build the workspace binaries with the same profile first \
+             (cargo build --workspace --bins, or --release for the benchmark)",
+            p.display()
+        );
+    }
+    Ok(p)
 }
 
 /// A lab for one test; `lab down` runs on drop, even when the test panics.
@@ -47,6 +48,12 @@ impl Lab {
             std::process::id() % 100_000,
             SEQ.fetch_add(1, Ordering::SeqCst)
         );
+        Self::up_named(&name, nodes, extra)
+    }
+
+    /// Brings up a lab with the given name; a failed `up` is torn down too.
+    pub fn up_named(name: &str, nodes: u32, extra: &[&str]) -> Result<Lab> {
+        let name = name.to_string();
         let paths = LabPaths::new(&name)?;
         let lab = Lab { name, paths };
         let nodes = nodes.to_string();
@@ -58,7 +65,7 @@ impl Lab {
 
     /// Runs `ferrum --name <lab> ARGS`.
     pub fn ferrum(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
-        let mut cmd = Command::new(bin("ferrum"));
+        let mut cmd = Command::new(bin("ferrum")?);
         cmd.arg("--name").arg(&self.name).args(args);
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()
@@ -117,6 +124,18 @@ impl Lab {
             .with_context(|| format!("pod {namespace}/{name} has no podIP: {pod}"))?
             .parse()
             .context("podIP")
+    }
+
+    /// A node's IP from `lab status`.
+    pub fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
+        let status = self.status()?;
+        status["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["ip"].as_str())
+            .with_context(|| format!("node {node} has no ip in `lab status`: {status}"))?
+            .parse()
+            .with_context(|| format!("ip of node {node}"))
     }
 
     /// /run/netns path of a pod's network namespace.

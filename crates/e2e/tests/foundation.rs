@@ -37,20 +37,6 @@ fn udp_ask(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
     })?
 }
 
-fn node_ip(lab: &Lab, node: &str) -> Result<Ipv4Addr> {
-    let status = lab.status()?;
-    let nodes = status["nodes"].as_array().context("status.nodes")?;
-    let n = nodes
-        .iter()
-        .find(|n| n["name"] == node)
-        .with_context(|| format!("node {node} not in status"))?;
-    n["ip"]
-        .as_str()
-        .context("node ip")?
-        .parse()
-        .context("node ip")
-}
-
 #[test]
 fn pods_reach_each_other_on_one_node_and_across_nodes() -> Result<()> {
     let lab = Lab::up(2, &[])?;
@@ -110,7 +96,7 @@ fn pod_traffic_to_the_external_host_leaves_with_the_node_ip() -> Result<()> {
     });
     assert_eq!(tcp_read(&a_ns, ext_ip, 8080)?, "external\n");
     let peer = server.join().expect("server thread")?;
-    assert_eq!(peer.ip(), std::net::IpAddr::V4(node_ip(&lab, "node-1")?));
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(lab.node_ip("node-1")?));
     assert_ne!(peer.ip(), std::net::IpAddr::V4(lab.pod_ip("default", "a")?));
 
     // UDP too: an echo from the external host comes back to the pod through reverse SNAT.
@@ -125,7 +111,7 @@ fn pod_traffic_to_the_external_host_leaves_with_the_node_ip() -> Result<()> {
     });
     assert_eq!(udp_ask(&a_ns, ext_ip, 5353)?, "hello");
     let peer = echo.join().expect("echo thread")?;
-    assert_eq!(peer.ip(), std::net::IpAddr::V4(node_ip(&lab, "node-1")?));
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(lab.node_ip("node-1")?));
     Ok(())
 }
 
@@ -293,7 +279,7 @@ fn cni(
     config: &serde_json::Value,
 ) -> Result<serde_json::Value> {
     use std::process::{Command, Stdio};
-    let mut cmd = Command::new(ferrum_e2e::bin("ferrum-cni"));
+    let mut cmd = Command::new(ferrum_e2e::bin("ferrum-cni")?);
     cmd.env_clear()
         .env("CNI_PATH", ferrum_e2e::bin_dir())
         .envs(env.iter().copied())
