@@ -12,6 +12,8 @@ pub enum LogFormat {
 }
 
 /// The Ferrum node agent: IPAM, endpoints and the eBPF datapath of one node.
+///
+/// Tools (run as `ferrum-agent TOOL --help`): install-cni, cleanup-kube-proxy, crds.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ferrum-agent", version)]
 pub struct Config {
@@ -24,6 +26,12 @@ pub struct Config {
     /// The lab control plane's unix socket to watch the cluster through.
     #[arg(long)]
     pub lab_socket: Option<PathBuf>,
+    /// Watch a Kubernetes cluster through this kubeconfig.
+    #[arg(long, conflicts_with_all = ["lab_socket", "in_cluster"])]
+    pub kubeconfig: Option<PathBuf>,
+    /// Watch the Kubernetes cluster the agent runs in (its service account's credentials).
+    #[arg(long, conflicts_with = "lab_socket")]
+    pub in_cluster: bool,
     /// Unix socket of the CNI API (ferrum-cni connects here).
     #[arg(long, default_value = ferrum_agent_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,

@@ -7,10 +7,12 @@
 pub mod config;
 pub mod events;
 pub mod handler;
+pub mod install;
 pub mod ipcache;
 pub mod kernel;
 pub mod restore;
 pub mod server;
+pub mod tools;
 pub mod watch;
 
 use std::sync::{Arc, Mutex};

@@ -7,6 +7,16 @@ use ferrum_agent::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    // Tools share the binary (the DaemonSet's init steps run the agent image).
+    if std::env::args().nth(1).is_some_and(|a| ferrum_agent::tools::TOOLS.contains(&a.as_str())) {
+        let tool = ferrum_agent::tools::Tool::parse();
+        init_logging(LogFormat::Text);
+        if let Err(e) = ferrum_agent::tools::run(tool) {
+            eprintln!("ferrum-agent: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let config = Config::parse();
     init_logging(config.log_format);
     if let Err(e) = run(&config) {
@@ -33,10 +43,17 @@ fn run(config: &Config) -> anyhow::Result<()> {
         ferrum_datapath::netns::enter_netns(netns)
             .with_context(|| format!("entering the network namespace {}", netns.display()))?;
     }
+    if config.kubeconfig.is_some() || config.in_cluster {
+        let source =
+            ferrum_k8s::KubeSource::connect(config.kubeconfig.as_deref(), &config.node_name)
+                .context("connecting to the Kubernetes API server")?;
+        let agent = ferrum_agent::start(config, Box::new(source))?;
+        return agent.wait();
+    }
     let lab_socket = config
         .lab_socket
         .as_ref()
-        .context("no cluster source: pass --lab-socket with the lab control plane's socket")?;
+        .context("no cluster source: pass --kubeconfig PATH or --in-cluster (Kubernetes), or --lab-socket (lab)")?;
     let source =
         ferrum_lab::client::LabSource::connect(lab_socket, &format!("agent/{}", config.node_name))
             .with_context(|| {
