@@ -6,6 +6,7 @@ packages=(
   iproute2 iputils-ping netcat-openbsd     # lab plumbing and probes
   iperf3 tcpdump                           # benchmarks and debugging
   podman runc containernetworking-plugins busybox-static  # the real-runtime CNI test
+  iptables nftables                        # kube-proxy takeover tests
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -14,6 +15,14 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+# Kubernetes schema validation of deploy/ (ships its schemas: works offline once installed).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  if ! command -v pip3 >/dev/null 2>&1; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
+  fi
+  pip3 install --quiet kubernetes-validate || pip3 install --quiet --break-system-packages kubernetes-validate
 fi
 # bpffs: the agent mounts it itself when missing, but tests that pin directly need it too.
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then

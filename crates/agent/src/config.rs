@@ -72,6 +72,21 @@ mod tests {
     }
 
     #[test]
+    fn one_cluster_source_at_a_time() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["ferrum-agent", "--node-name", "n1"];
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args)
+        };
+        assert!(parse(&["--kubeconfig", "/k", "--lab-socket", "/s"]).is_err());
+        assert!(parse(&["--in-cluster", "--lab-socket", "/s"]).is_err());
+        assert!(parse(&["--in-cluster", "--kubeconfig", "/k"]).is_err());
+        let c = parse(&["--kubeconfig", "/k"]).unwrap();
+        assert_eq!(c.kubeconfig, Some(PathBuf::from("/k")));
+        assert!(parse(&["--in-cluster"]).unwrap().in_cluster);
+    }
+
+    #[test]
     fn bad_cidr_is_refused() {
         assert!(
             Config::try_parse_from([

@@ -133,7 +133,10 @@ mod tests {
         install_cni(&args).unwrap();
         let plugin = args.cni_bin_dir.join("ferrum-cni");
         assert_eq!(fs::read(&plugin).unwrap(), b"\x7fELF fake plugin");
-        assert_eq!(fs::metadata(&plugin).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&plugin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
         let conf: serde_json::Value =
             serde_json::from_slice(&fs::read(args.cni_conf_dir.join(CONFLIST_NAME)).unwrap())
                 .unwrap();
@@ -160,6 +163,9 @@ mod tests {
         args.cni_conf_dir = args.cni_conf_dir.join("nope");
         let e = install_cni(&args).unwrap_err().to_string();
         assert!(e.contains("--cni-conf-dir"), "{e}");
-        assert!(names(&args.cni_bin_dir).is_empty(), "the plugin was not installed either");
+        assert!(
+            names(&args.cni_bin_dir).is_empty(),
+            "the plugin was not installed either"
+        );
     }
 }

@@ -8,7 +8,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     // Tools share the binary (the DaemonSet's init steps run the agent image).
-    if std::env::args().nth(1).is_some_and(|a| ferrum_agent::tools::TOOLS.contains(&a.as_str())) {
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| ferrum_agent::tools::TOOLS.contains(&a.as_str()))
+    {
         let tool = ferrum_agent::tools::Tool::parse();
         init_logging(LogFormat::Text);
         if let Err(e) = ferrum_agent::tools::run(tool) {

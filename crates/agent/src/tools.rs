@@ -68,7 +68,10 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
             Ok(())
         }
         Tool::Crds => {
-            print!("{}", ferrum_k8s::crd::crd_yaml().context("generating the CRDs")?);
+            print!(
+                "{}",
+                ferrum_k8s::crd::crd_yaml().context("generating the CRDs")?
+            );
             Ok(())
         }
     }

@@ -172,7 +172,11 @@ fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<Option<String>,
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         // A backend that is not installed holds no rules.
@@ -191,10 +195,12 @@ fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<Option<String>,
                 error,
             })?;
     }
-    let out = child.wait_with_output().map_err(|error| CleanupError::Spawn {
-        tool: tool.into(),
-        error,
-    })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|error| CleanupError::Spawn {
+            tool: tool.into(),
+            error,
+        })?;
     if !out.status.success() {
         return Err(CleanupError::Tool {
             tool: format!("{tool} {}", args.join(" ")),
@@ -302,7 +308,10 @@ COMMIT
         assert!(filter.jumps.iter().all(|j| !j.contains("KUBE-FIREWALL")));
         let nat = &plans[2];
         assert_eq!(nat.chains.len(), 3);
-        assert_eq!(nat.jumps, [r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#]);
+        assert_eq!(
+            nat.jumps,
+            [r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#]
+        );
         let script = nat.restore_script();
         assert!(script.starts_with("*nat\n-D PREROUTING -m comment"));
         assert!(script.ends_with("-X KUBE-SEP-XYZ\nCOMMIT\n"));
@@ -321,7 +330,10 @@ COMMIT
         let list = "table inet filter\ntable ip kube-proxy\ntable ip6 kube-proxy\ntable ip kube-proxy-other\n";
         assert_eq!(
             kube_proxy_tables(list),
-            [("ip".to_string(), "kube-proxy".to_string()), ("ip6".into(), "kube-proxy".into())]
+            [
+                ("ip".to_string(), "kube-proxy".to_string()),
+                ("ip6".into(), "kube-proxy".into())
+            ]
         );
     }
 }

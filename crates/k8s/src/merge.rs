@@ -70,6 +70,8 @@ impl Merger {
     /// Normalizes and validates; a rejected object keeps its last good version in force.
     fn admit(&self, kind: Kind, mut object: Object, out: &mut Output) -> Option<Object> {
         normalize(&mut object);
+        // Bookkeeping of the API server's field managers: large, and nothing here reads it.
+        object.metadata_mut().managed_fields = None;
         match validate(&object) {
             Ok(()) => Some(object),
             Err(error) => {
@@ -245,15 +247,27 @@ mod tests {
     #[test]
     fn relist_turns_into_exact_deletes_and_upserts() {
         let mut m = Merger::new([Kind::Node]);
-        list(&mut m, Kind::Node, vec![node("a", "10.244.0.0/24"), node("b", "10.244.1.0/24")]);
+        list(
+            &mut m,
+            Kind::Node,
+            vec![node("a", "10.244.0.0/24"), node("b", "10.244.1.0/24")],
+        );
         m.flush();
         // After 410 Gone: b vanished, c appeared, a unchanged.
-        let ev = list(&mut m, Kind::Node, vec![node("a", "10.244.0.0/24"), node("c", "10.244.2.0/24")]);
+        let ev = list(
+            &mut m,
+            Kind::Node,
+            vec![node("a", "10.244.0.0/24"), node("c", "10.244.2.0/24")],
+        );
         assert_eq!(
             ev,
             vec![
-                WatchEvent::Delete { object: node("b", "10.244.1.0/24") },
-                WatchEvent::Upsert { object: node("c", "10.244.2.0/24") },
+                WatchEvent::Delete {
+                    object: node("b", "10.244.1.0/24")
+                },
+                WatchEvent::Upsert {
+                    object: node("c", "10.244.2.0/24")
+                },
             ]
         );
         assert_eq!(m.flush(), Some(WatchEvent::Synced { revision: 2 }));
@@ -264,8 +278,14 @@ mod tests {
         let mut m = Merger::new([Kind::Namespace]);
         list(&mut m, Kind::Namespace, vec![ns("x")]);
         m.flush();
-        assert_eq!(m.apply(Kind::Namespace, Event::Delete(ns("ghost"))), Output::default());
-        assert_eq!(m.apply(Kind::Namespace, Event::Apply(ns("x"))), Output::default());
+        assert_eq!(
+            m.apply(Kind::Namespace, Event::Delete(ns("ghost"))),
+            Output::default()
+        );
+        assert_eq!(
+            m.apply(Kind::Namespace, Event::Apply(ns("x"))),
+            Output::default()
+        );
         assert_eq!(m.flush(), None);
         let out = m.apply(Kind::Namespace, Event::Delete(ns("x")));
         assert_eq!(out.events, vec![WatchEvent::Delete { object: ns("x") }]);
@@ -279,8 +299,15 @@ mod tests {
         let out = m.apply(Kind::NetworkPolicy, Event::Apply(policy("10.0.0.0/33")));
         assert!(out.events.is_empty());
         assert_eq!(out.rejected.len(), 1);
-        assert!(out.rejected[0].error.to_string().contains("cidr"), "{}", out.rejected[0].error);
-        assert_eq!(m.objects(Kind::NetworkPolicy).next(), Some(&policy("10.0.0.0/8")));
+        assert!(
+            out.rejected[0].error.to_string().contains("cidr"),
+            "{}",
+            out.rejected[0].error
+        );
+        assert_eq!(
+            m.objects(Kind::NetworkPolicy).next(),
+            Some(&policy("10.0.0.0/8"))
+        );
         // In a relist too.
         let ev = list(&mut m, Kind::NetworkPolicy, vec![policy("bogus")]);
         assert!(ev.is_empty());

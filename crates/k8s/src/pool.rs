@@ -12,17 +12,23 @@ use crate::crd::{FerrumIPPool, FerrumIPPoolSpec, FerrumNode, FerrumNodeSpec, POO
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("FerrumIPPool {POOL_NAME}: invalid spec.cidr {0:?}: use an IPv4 CIDR such as 10.241.0.0/16")]
+    #[error(
+        "FerrumIPPool {POOL_NAME}: invalid spec.cidr {0:?}: use an IPv4 CIDR such as 10.241.0.0/16"
+    )]
     BadCidr(String),
     #[error(
         "FerrumIPPool {POOL_NAME}: spec.batchPrefixLength {len} must be between the pool's prefix length {pool} and 32"
     )]
     BadBatchLength { len: u8, pool: u8 },
-    #[error("FerrumIPPool {POOL_NAME} ({cidr}) has no free batch left for node {node}: enlarge the pool or remove stale allocations")]
+    #[error(
+        "FerrumIPPool {POOL_NAME} ({cidr}) has no free batch left for node {node}: enlarge the pool or remove stale allocations"
+    )]
     Exhausted { cidr: Ipv4Net, node: String },
     #[error("FerrumIPPool {POOL_NAME} does not exist: apply deploy/ (it creates the pool) first")]
     Missing,
-    #[error("claiming a batch for node {node}: {attempts} attempts all lost a concurrent update; retry later")]
+    #[error(
+        "claiming a batch for node {node}: {attempts} attempts all lost a concurrent update; retry later"
+    )]
     Contended { node: String, attempts: u32 },
     #[error("claiming a batch for node {node}: {source}")]
     Api {
@@ -35,7 +41,11 @@ pub enum PoolError {
 /// The batches `node` should own after wanting `want` of them: what it already has (still
 /// valid ones, in order), then the lowest batches nobody owns. Deterministic, so every agent
 /// computing it from the same pool object agrees.
-pub fn plan_batches(spec: &FerrumIPPoolSpec, node: &str, want: usize) -> Result<Vec<Ipv4Net>, PoolError> {
+pub fn plan_batches(
+    spec: &FerrumIPPoolSpec,
+    node: &str,
+    want: usize,
+) -> Result<Vec<Ipv4Net>, PoolError> {
     let pool: Ipv4Net = spec
         .cidr
         .parse()
@@ -68,12 +78,12 @@ pub fn plan_batches(spec: &FerrumIPPoolSpec, node: &str, want: usize) -> Result<
     if mine.len() >= want {
         return Ok(mine);
     }
-    let subnets = pool
-        .subnets(spec.batch_prefix_length)
-        .map_err(|_| PoolError::BadBatchLength {
-            len: spec.batch_prefix_length,
-            pool: pool.prefix_len(),
-        })?;
+    let subnets =
+        pool.subnets(spec.batch_prefix_length)
+            .map_err(|_| PoolError::BadBatchLength {
+                len: spec.batch_prefix_length,
+                pool: pool.prefix_len(),
+            })?;
     for batch in subnets {
         if mine.len() >= want {
             break;
@@ -123,7 +133,10 @@ pub async fn claim_batches(
         pool.spec.allocations.insert(node.to_string(), as_strings);
         // The object carries the resourceVersion we read: the API server refuses the write
         // if anyone changed the pool since.
-        match pools.replace(POOL_NAME, &PostParams::default(), &pool).await {
+        match pools
+            .replace(POOL_NAME, &PostParams::default(), &pool)
+            .await
+        {
             Ok(_) => {
                 tracing::info!(node, attempt, batches = ?planned, "claimed VNet pod batches");
                 batches = Some(planned);
@@ -139,7 +152,9 @@ pub async fn claim_batches(
         node: node.to_string(),
         attempts: CLAIM_ATTEMPTS,
     })?;
-    mirror_to_node(nodes, node, &batches).await.map_err(api_err)?;
+    mirror_to_node(nodes, node, &batches)
+        .await
+        .map_err(api_err)?;
     Ok(batches)
 }
 
@@ -169,7 +184,10 @@ async fn mirror_to_node(
                 spec,
                 status: None,
             };
-            nodes.create(&PostParams::default(), &object).await.map(|_| ())
+            nodes
+                .create(&PostParams::default(), &object)
+                .await
+                .map(|_| ())
         }
     }
 }
@@ -194,9 +212,18 @@ mod tests {
     fn lowest_free_batches_are_taken_and_existing_ones_kept() {
         let s = spec(&[("a", &["10.241.0.0/28"]), ("b", &["10.241.0.32/28"])]);
         let got = plan_batches(&s, "c", 2).unwrap();
-        assert_eq!(got, vec!["10.241.0.16/28".parse().unwrap(), "10.241.0.48/28".parse().unwrap()]);
+        assert_eq!(
+            got,
+            vec![
+                "10.241.0.16/28".parse().unwrap(),
+                "10.241.0.48/28".parse().unwrap()
+            ]
+        );
         // A node keeps what it has.
-        assert_eq!(plan_batches(&s, "a", 1).unwrap(), vec!["10.241.0.0/28".parse().unwrap()]);
+        assert_eq!(
+            plan_batches(&s, "a", 1).unwrap(),
+            vec!["10.241.0.0/28".parse().unwrap()]
+        );
         // Growing keeps the old batch first.
         let a2 = plan_batches(&s, "a", 2).unwrap();
         assert_eq!(a2[0], "10.241.0.0/28".parse().unwrap());
@@ -215,7 +242,10 @@ mod tests {
     fn exhaustion_and_bad_specs_are_errors_naming_the_field() {
         let mut s = spec(&[]);
         s.cidr = "10.241.0.0/27".into();
-        assert!(matches!(plan_batches(&s, "a", 3), Err(PoolError::Exhausted { .. })));
+        assert!(matches!(
+            plan_batches(&s, "a", 3),
+            Err(PoolError::Exhausted { .. })
+        ));
         s.cidr = "nonsense".into();
         let e = plan_batches(&s, "a", 1).unwrap_err().to_string();
         assert!(e.contains("spec.cidr"), "{e}");

@@ -95,7 +95,12 @@ where
 
 fn watch_api<K>(api: Api<K>, kind: Kind, wrap: fn(K) -> Object) -> KindStream
 where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
 {
     // Bookmarks are on by default: the watch resumes from the newest resourceVersion instead
     // of relisting after the server closes an idle watch.
@@ -269,7 +274,11 @@ impl Pump {
 }
 
 /// Writes the report into the node's FerrumNode status, creating the FerrumNode if missing.
-pub async fn patch_status(client: &Client, node: &str, report: &AgentReport) -> Result<(), kube::Error> {
+pub async fn patch_status(
+    client: &Client,
+    node: &str,
+    report: &AgentReport,
+) -> Result<(), kube::Error> {
     let api: Api<FerrumNode> = Api::all(client.clone());
     let status = serde_json::json!({
         "status": {
@@ -279,7 +288,10 @@ pub async fn patch_status(client: &Client, node: &str, report: &AgentReport) -> 
         }
     });
     let params = PatchParams::default();
-    match api.patch_status(node, &params, &Patch::Merge(&status)).await {
+    match api
+        .patch_status(node, &params, &Patch::Merge(&status))
+        .await
+    {
         Err(kube::Error::Api(s)) if s.code == 404 => {
             let object = FerrumNode::new(node, FerrumNodeSpec::default());
             match api.create(&PostParams::default(), &object).await {
@@ -287,7 +299,9 @@ pub async fn patch_status(client: &Client, node: &str, report: &AgentReport) -> 
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(e) => return Err(e),
             }
-            api.patch_status(node, &params, &Patch::Merge(&status)).await.map(|_| ())
+            api.patch_status(node, &params, &Patch::Merge(&status))
+                .await
+                .map(|_| ())
         }
         other => other.map(|_| ()),
     }
@@ -356,7 +370,10 @@ fn spawn_pump(factory: ClientFactory, node: &str) -> Result<Channels, ConnectErr
     std::thread::Builder::new()
         .name("kube-watch".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!("cannot start the Kubernetes watch runtime: {e}");

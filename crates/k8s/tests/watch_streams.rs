@@ -34,7 +34,10 @@ fn read_until(src: &mut KubeSource, done: impl Fn(&[String]) -> bool) -> Vec<Str
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut got = Vec::new();
     while !done(&got) {
-        assert!(Instant::now() < deadline, "timed out; events so far: {got:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out; events so far: {got:?}"
+        );
         if let Some(e) = src.next_event_timeout(Duration::from_millis(200)).unwrap() {
             got.push(describe(&e));
         }
@@ -48,7 +51,11 @@ fn wait_for(api: &MockApi, what: &str, pred: impl Fn(&support::Seen) -> bool) ->
         if let Some(s) = api.seen().into_iter().find(|s| pred(s)) {
             return s;
         }
-        assert!(Instant::now() < deadline, "no {what} request; seen: {:#?}", api.seen());
+        assert!(
+            Instant::now() < deadline,
+            "no {what} request; seen: {:#?}",
+            api.seen()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -56,22 +63,73 @@ fn wait_for(api: &MockApi, what: &str, pred: impl Fn(&support::Seen) -> bool) ->
 #[test]
 fn recorded_watch_streams_through_the_real_client() {
     let api = MockApi::default();
-    api.on("GET", NODES, false, Reply::Json(200, recorded("nodes-list-1.json")))
-        .on("GET", NODES, true, Reply::Watch(recorded_stream("nodes-watch-1.jsonl")))
-        .on("GET", NODES, true, Reply::Watch(recorded_stream("nodes-watch-2-gone.jsonl")))
-        .on("GET", NODES, false, Reply::Json(200, recorded("nodes-list-2.json")))
-        .on("GET", NODES, true, Reply::Watch(recorded_stream("nodes-watch-3-bad.jsonl")));
+    api.on(
+        "GET",
+        NODES,
+        false,
+        Reply::Json(200, recorded("nodes-list-1.json")),
+    )
+    .on(
+        "GET",
+        NODES,
+        true,
+        Reply::Watch(recorded_stream("nodes-watch-1.jsonl")),
+    )
+    .on(
+        "GET",
+        NODES,
+        true,
+        Reply::Watch(recorded_stream("nodes-watch-2-gone.jsonl")),
+    )
+    .on(
+        "GET",
+        NODES,
+        false,
+        Reply::Json(200, recorded("nodes-list-2.json")),
+    )
+    .on(
+        "GET",
+        NODES,
+        true,
+        Reply::Watch(recorded_stream("nodes-watch-3-bad.jsonl")),
+    );
     // The node status report: the FerrumNode does not exist yet, so create, then patch.
     let status_path = "/apis/ferrum.dev/v1alpha1/ferrumnodes/a/status";
-    api.on("PATCH", status_path, false, Reply::Json(404, support::status(404, "NotFound", "ferrumnodes \"a\" not found")))
-        .on("POST", "/apis/ferrum.dev/v1alpha1/ferrumnodes", false, Reply::Echo(201))
-        .on("PATCH", status_path, false, Reply::Json(200, serde_json::json!({
-            "apiVersion": "ferrum.dev/v1alpha1", "kind": "FerrumNode",
-            "metadata": {"name": "a", "resourceVersion": "50"},
-            "spec": {"podCIDRs": []},
-            "status": {"ready": true, "realizedRevision": 3}
-        })));
-    api.on("POST", "/apis/events.k8s.io/v1/namespaces/default/events", false, Reply::Echo(201));
+    api.on(
+        "PATCH",
+        status_path,
+        false,
+        Reply::Json(
+            404,
+            support::status(404, "NotFound", "ferrumnodes \"a\" not found"),
+        ),
+    )
+    .on(
+        "POST",
+        "/apis/ferrum.dev/v1alpha1/ferrumnodes",
+        false,
+        Reply::Echo(201),
+    )
+    .on(
+        "PATCH",
+        status_path,
+        false,
+        Reply::Json(
+            200,
+            serde_json::json!({
+                "apiVersion": "ferrum.dev/v1alpha1", "kind": "FerrumNode",
+                "metadata": {"name": "a", "resourceVersion": "50"},
+                "spec": {"podCIDRs": []},
+                "status": {"ready": true, "realizedRevision": 3}
+            }),
+        ),
+    );
+    api.on(
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/default/events",
+        false,
+        Reply::Echo(201),
+    );
 
     let mock = api.clone();
     let mut src = KubeSource::start(Arc::new(move || Ok(mock.client())), "a").unwrap();
@@ -85,10 +143,20 @@ fn recorded_watch_streams_through_the_real_client() {
     // replaces the state exactly (b gone, c new, a unchanged), then watch 3 brings a node with
     // an invalid podCIDR (rejected) and a good one.
     let got = read_until(&mut src, |g| g.iter().any(|e| e == "upsert d@42"));
-    let changes: Vec<&str> = got.iter().map(String::as_str).filter(|e| *e != "synced").collect();
+    let changes: Vec<&str> = got
+        .iter()
+        .map(String::as_str)
+        .filter(|e| *e != "synced")
+        .collect();
     assert_eq!(
         changes,
-        ["upsert b@11", "upsert a@13", "delete b@11", "upsert c@36", "upsert d@42"]
+        [
+            "upsert b@11",
+            "upsert a@13",
+            "delete b@11",
+            "upsert c@36",
+            "upsert d@42"
+        ]
     );
     let last = read_until(&mut src, |g| g.last().is_some_and(|l| l == "synced"));
     assert!(last.len() <= 1, "{last:?}");
@@ -100,14 +168,31 @@ fn recorded_watch_streams_through_the_real_client() {
         .collect();
     assert!(watches.len() >= 3, "{watches:#?}");
     assert_eq!(watches[0].param("resourceVersion").as_deref(), Some("10"));
-    assert_eq!(watches[0].param("allowWatchBookmarks").as_deref(), Some("true"));
-    assert_eq!(watches[1].param("resourceVersion").as_deref(), Some("20"), "resumes at the bookmark");
-    assert_eq!(watches[2].param("resourceVersion").as_deref(), Some("40"), "after the relist");
-    let lists = api.seen().into_iter().filter(|s| s.path == NODES && !s.is_watch()).count();
+    assert_eq!(
+        watches[0].param("allowWatchBookmarks").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        watches[1].param("resourceVersion").as_deref(),
+        Some("20"),
+        "resumes at the bookmark"
+    );
+    assert_eq!(
+        watches[2].param("resourceVersion").as_deref(),
+        Some("40"),
+        "after the relist"
+    );
+    let lists = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == NODES && !s.is_watch())
+        .count();
     assert_eq!(lists, 2, "one listing at start, one after 410 Gone");
 
     // The bad node is reported on the object as a Warning Event naming the field.
-    let event = wait_for(&api, "Event", |s| s.method == "POST" && s.path.ends_with("/events"));
+    let event = wait_for(&api, "Event", |s| {
+        s.method == "POST" && s.path.ends_with("/events")
+    });
     let event: serde_json::Value = serde_json::from_str(&event.body).unwrap();
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["regarding"]["name"], "bad");
@@ -125,7 +210,10 @@ fn recorded_watch_streams_through_the_real_client() {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status_writes = || -> Vec<support::Seen> {
-        api.seen().into_iter().filter(|s| s.path == status_path).collect()
+        api.seen()
+            .into_iter()
+            .filter(|s| s.path == status_path)
+            .collect()
     };
     while status_writes().len() < 2 {
         assert!(Instant::now() < deadline, "seen: {:#?}", api.seen());
@@ -152,7 +240,35 @@ fn recorded_watch_streams_through_the_real_client() {
 
     // The same report again changes nothing on the server.
     let before = api.seen().len();
-    src.report(&AgentReport { node: "a".into(), ready: true, realized_revision: 3, message: String::new() }).unwrap();
+    src.report(&AgentReport {
+        node: "a".into(),
+        ready: true,
+        realized_revision: 3,
+        message: String::new(),
+    })
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(api.seen().iter().skip(before).filter(|s| s.path == status_path).count(), 0);
+    assert_eq!(
+        api.seen()
+            .iter()
+            .skip(before)
+            .filter(|s| s.path == status_path)
+            .count(),
+        0
+    );
+
+    // Every call the source made is allowed by deploy/'s least-privilege RBAC.
+    support::assert_rbac_allows(&api.seen());
+    let verbs: std::collections::BTreeSet<_> = api.seen().iter().map(support::rbac_call).collect();
+    for v in [
+        ("", "nodes", "list"),
+        ("", "pods", "watch"),
+        ("events.k8s.io", "events", "create"),
+        ("ferrum.dev", "ferrumnodes/status", "patch"),
+    ] {
+        assert!(
+            verbs.contains(&(v.0.to_string(), v.1.to_string(), v.2.to_string())),
+            "{v:?} not made: {verbs:?}"
+        );
+    }
 }

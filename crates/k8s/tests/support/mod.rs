@@ -65,11 +65,15 @@ impl MockApi {
         self.seen.lock().unwrap().clone()
     }
 
-    /// Default answers: an empty list for lists, an open watch for watches, 404 otherwise.
-    fn default_reply(method: &str, watch: bool) -> Reply {
+    /// Default answers: an empty list for collections, an open watch for watches, 404 for
+    /// anything else (a named object that does not exist).
+    fn default_reply(method: &str, path: &str, watch: bool) -> Reply {
+        let segments = path.trim_matches('/').split('/').count();
+        let collection = (path.starts_with("/api/") && segments == 3)
+            || (path.starts_with("/apis/") && segments == 4);
         match (method, watch) {
             ("GET", true) => Reply::Hang,
-            ("GET", false) => Reply::Json(200, list(&[], "1")),
+            ("GET", false) if collection => Reply::Json(200, list(&[], "1")),
             _ => Reply::Json(404, status(404, "NotFound", "not found")),
         }
     }
@@ -96,7 +100,7 @@ impl MockApi {
                     .unwrap()
                     .get_mut(&key)
                     .and_then(VecDeque::pop_front)
-                    .unwrap_or_else(|| Self::default_reply(&key.0, key.2));
+                    .unwrap_or_else(|| Self::default_reply(&key.0, &key.1, key.2));
                 let (code, body) = match reply {
                     Reply::Json(code, v) => (code, serde_json::to_vec(&v).unwrap()),
                     Reply::Watch(events) => {
@@ -147,4 +151,83 @@ pub fn recorded_stream(name: &str) -> Vec<serde_json::Value> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{path}: {e}: {l}")))
         .collect()
+}
+
+/// (apiGroup, resource, verb) of one request, as RBAC sees it.
+pub fn rbac_call(seen: &Seen) -> (String, String, String) {
+    let path = seen.path.trim_matches('/');
+    let segs: Vec<&str> = path.split('/').collect();
+    let (group, rest) = match segs.first() {
+        Some(&"api") => (String::new(), &segs[2..]),
+        Some(&"apis") => (segs[1].to_string(), &segs[3..]),
+        _ => panic!("not an API path: {}", seen.path),
+    };
+    // namespaces/NS/... is a namespaced resource; "namespaces" alone is the resource itself.
+    let rest = if rest.len() >= 3 && rest[0] == "namespaces" {
+        &rest[2..]
+    } else {
+        rest
+    };
+    let resource = match rest.get(2) {
+        Some(sub) => format!("{}/{sub}", rest[0]),
+        None => rest[0].to_string(),
+    };
+    let named = rest.len() >= 2;
+    let verb = match (seen.method.as_str(), seen.is_watch(), named) {
+        ("GET", true, _) => "watch",
+        ("GET", false, false) => "list",
+        ("GET", false, true) => "get",
+        ("POST", _, _) => "create",
+        ("PUT", _, _) => "update",
+        ("PATCH", _, _) => "patch",
+        ("DELETE", _, _) => "delete",
+        (m, _, _) => panic!("unexpected method {m}"),
+    };
+    (group, resource, verb.to_string())
+}
+
+/// (apiGroup, resource, verb) that deploy/'s ClusterRole grants.
+pub fn granted() -> std::collections::BTreeSet<(String, String, String)> {
+    use serde::Deserialize;
+    let path = format!("{}/../../deploy/ferrum.yaml", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("deploy/ferrum.yaml has a ClusterRole");
+    let mut out = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let list = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        for g in list("apiGroups") {
+            for r in list("resources") {
+                for v in list("verbs") {
+                    assert_ne!(v, "*", "no wildcard verbs");
+                    assert_ne!(r, "*", "no wildcard resources");
+                    out.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every request the code made is one deploy/'s RBAC allows.
+pub fn assert_rbac_allows(seen: &[Seen]) {
+    let granted = granted();
+    for s in seen {
+        let call = rbac_call(s);
+        assert!(
+            granted.contains(&call),
+            "deploy/ RBAC does not allow {call:?} ({} {})",
+            s.method,
+            s.path
+        );
+    }
 }
