@@ -69,6 +69,23 @@ fn node(name: &str, ip: &str, cidr: &str) -> serde_json::Value {
         "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
 }
 
+/// A policy name whose Event this node's agent records (one agent per object does; see
+/// ferrum_k8s::merge::event_reporter).
+fn bad_policy_name() -> String {
+    use ferrum_model::Object;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    (0..)
+        .map(|i| format!("bad-{i}"))
+        .find(|name| {
+            let mut np = NetworkPolicy::default();
+            np.metadata.name = Some(name.clone());
+            np.metadata.namespace = Some("default".into());
+            ferrum_k8s::merge::event_reporter(&Object::NetworkPolicy(np), ["k1", "k2"], NODE)
+                == NODE
+        })
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Clone)]
 struct Seen {
     method: String,
@@ -95,7 +112,7 @@ fn answer(seen: &[Seen], req: &Seen) -> Option<(u16, serde_json::Value)> {
         ("GET", "/apis/networking.k8s.io/v1/networkpolicies") => (
             200,
             list(vec![serde_json::json!({
-                "metadata": {"name": "bad", "namespace": "default", "resourceVersion": "7", "uid": "uid-bad"},
+                "metadata": {"name": bad_policy_name(), "namespace": "default", "resourceVersion": "7", "uid": "uid-bad"},
                 "spec": {"podSelector": {}, "policyTypes": ["Egress"],
                          "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/99"}}]}]}
             })]),
@@ -296,7 +313,7 @@ fn agent_runs_against_a_kubernetes_api_server() {
         .find(|s| s.method == "POST" && s.target.contains("/events"))
         .expect("an Event");
     let event: serde_json::Value = serde_json::from_str(&event.body).unwrap();
-    assert_eq!(event["regarding"]["name"], "bad");
+    assert_eq!(event["regarding"]["name"], bad_policy_name().as_str());
     assert_eq!(event["regarding"]["kind"], "NetworkPolicy");
     assert_eq!(event["type"], "Warning");
     // The node's pod block is the one in its Node's spec.podCIDRs (persisted by IPAM).

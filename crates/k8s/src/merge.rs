@@ -24,6 +24,46 @@ pub struct Rejected {
     pub error: ValidationError,
 }
 
+/// FNV-1a: a hash every agent computes the same way, whatever its build.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Which node's agent records the Event for a rejected object, so a cluster of N nodes writes
+/// one Event rather than N: a Pod's own node, a Node itself, anything else the node that wins
+/// a rendezvous hash of the object over the known nodes (every agent sees the same Nodes, so
+/// they agree without talking). With no known nodes, `me`.
+pub fn event_reporter<'a>(
+    object: &Object,
+    nodes: impl IntoIterator<Item = &'a str>,
+    me: &str,
+) -> String {
+    match object {
+        Object::Pod(p) => {
+            if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+                return node.to_string();
+            }
+        }
+        Object::Node(_) => return object.name().to_string(),
+        _ => {}
+    }
+    let kind = Kind::of(object).name();
+    let ns = object.namespace().unwrap_or_default();
+    let name = object.name();
+    nodes
+        .into_iter()
+        .max_by_key(|node| (fnv1a(&[node, kind, ns, name]), *node))
+        .unwrap_or(me)
+        .to_string()
+}
+
 #[derive(Debug, Default)]
 pub struct Merger {
     cache: BTreeMap<Kind, BTreeMap<Key, Object>>,
@@ -231,6 +271,37 @@ mod tests {
         }
         events.extend(m.apply(kind, Event::InitDone).events);
         events
+    }
+
+    #[test]
+    fn one_agent_reports_each_rejected_object() {
+        let nodes = ["n1", "n2", "n3", "n4"];
+        let p = policy("bogus");
+        let chosen: Vec<String> = nodes
+            .iter()
+            .map(|me| event_reporter(&p, nodes, me))
+            .collect();
+        assert!(
+            chosen.iter().all(|c| c == &chosen[0]),
+            "all agree: {chosen:?}"
+        );
+        assert!(nodes.contains(&chosen[0].as_str()));
+        // Independent of the order the nodes were listed in.
+        assert_eq!(
+            event_reporter(&p, nodes.iter().rev().copied(), "n1"),
+            chosen[0]
+        );
+        // Objects spread over the nodes.
+        let spread: std::collections::BTreeSet<String> = (0..40)
+            .map(|i| {
+                let mut o = policy("bogus");
+                o.metadata_mut().name = Some(format!("p{i}"));
+                event_reporter(&o, nodes, "n1")
+            })
+            .collect();
+        assert!(spread.len() >= 3, "{spread:?}");
+        assert_eq!(event_reporter(&node("x", "bad"), nodes, "n1"), "x");
+        assert_eq!(event_reporter(&p, [], "me"), "me");
     }
 
     #[test]

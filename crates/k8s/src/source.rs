@@ -23,7 +23,7 @@ use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 
 use crate::crd::{FerrumNode, FerrumNodeSpec};
-use crate::merge::{Merger, Rejected};
+use crate::merge::{Merger, Rejected, event_reporter};
 
 /// Name the agent reports Events and field managers under.
 pub const CONTROLLER: &str = "ferrum-agent";
@@ -207,7 +207,12 @@ impl Pump {
                                     }
                                 }
                                 for r in out.rejected {
-                                    self.reject(r).await;
+                                    let reporter = event_reporter(
+                                        &r.object,
+                                        merger.objects(Kind::Node).map(Object::name),
+                                        &self.node,
+                                    );
+                                    self.reject(r, reporter == self.node).await;
                                 }
                             }
                             Err(e) => tracing::warn!(kind = kind.name(), "Kubernetes watch failed: {e}; retrying with backoff"),
@@ -224,14 +229,15 @@ impl Pump {
         }
     }
 
-    async fn reject(&mut self, r: Rejected) {
+    /// Logs a rejected object; the agent chosen by [`event_reporter`] also records an Event.
+    async fn reject(&mut self, r: Rejected, record: bool) {
         let meta = r.object.metadata();
         let id = (
             r.error.object.clone(),
             meta.resource_version.clone().unwrap_or_default(),
         );
         tracing::warn!(object = %r.error.object, field = %r.error.field, "ignoring an object the agent cannot handle: {}", r.error);
-        if !self.reported.insert(id) {
+        if !record || !self.reported.insert(id) {
             return;
         }
         let event = KubeEvent {

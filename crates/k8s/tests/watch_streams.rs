@@ -92,6 +92,12 @@ fn recorded_watch_streams_through_the_real_client() {
         NODES,
         true,
         Reply::Watch(recorded_stream("nodes-watch-3-bad.jsonl")),
+    )
+    .on(
+        "GET",
+        "/api/v1/pods",
+        false,
+        Reply::Json(200, recorded("pods-list-1.json")),
     );
     // The node status report: the FerrumNode does not exist yet, so create, then patch.
     let status_path = "/apis/ferrum.dev/v1alpha1/ferrumnodes/a/status";
@@ -136,7 +142,8 @@ fn recorded_watch_streams_through_the_real_client() {
 
     // The initial listing of every kind closes with one Synced.
     let initial = read_until(&mut src, |g| g.last().is_some_and(|l| l == "synced"));
-    assert_eq!(initial, ["upsert a@5", "synced"]);
+    // Of the pods, only the valid one is passed on (the others ask for protocol ICMP).
+    assert_eq!(initial, ["upsert a@5", "upsert web@7", "synced"]);
 
     // Watch 1: b added, a delete of a node never seen (ignored), a modified, a bookmark, end;
     // watch 2 resumes from the bookmark's resourceVersion and gets 410 Gone; the relist
@@ -189,16 +196,23 @@ fn recorded_watch_streams_through_the_real_client() {
         .count();
     assert_eq!(lists, 2, "one listing at start, one after 410 Gone");
 
-    // The bad node is reported on the object as a Warning Event naming the field.
-    let event = wait_for(&api, "Event", |s| {
-        s.method == "POST" && s.path.ends_with("/events")
-    });
+    // The pod on this node with an unsupported protocol is reported on the object as a Warning
+    // Event naming the field. The one on node c and the bad Node are left to their own
+    // agents (one Event per object in the cluster, not one per node): only logged here.
+    let is_event = |s: &support::Seen| s.method == "POST" && s.path.ends_with("/events");
+    let event = wait_for(&api, "Event", is_event);
     let event: serde_json::Value = serde_json::from_str(&event.body).unwrap();
     assert_eq!(event["type"], "Warning");
-    assert_eq!(event["regarding"]["name"], "bad");
-    assert_eq!(event["regarding"]["kind"], "Node");
+    assert_eq!(event["reason"], "FerrumRejected");
+    assert_eq!(event["regarding"]["name"], "icmp");
+    assert_eq!(event["regarding"]["kind"], "Pod");
     let note = event["note"].as_str().unwrap();
-    assert!(note.contains("spec.podCIDR"), "{note}");
+    assert!(
+        note.contains("spec.containers[0].ports[0].protocol"),
+        "{note}"
+    );
+    assert!(note.contains("ICMP"), "{note}");
+    assert_eq!(api.seen().iter().filter(|s| is_event(s)).count(), 1);
 
     // The agent's report becomes the FerrumNode status (created first when missing).
     src.report(&AgentReport {
@@ -257,6 +271,11 @@ fn recorded_watch_streams_through_the_real_client() {
         0
     );
 
+    assert_eq!(
+        api.seen().iter().filter(|s| is_event(s)).count(),
+        1,
+        "still one Event"
+    );
     // Every call the source made is allowed by deploy/'s least-privilege RBAC.
     support::assert_rbac_allows(&api.seen());
     let verbs: std::collections::BTreeSet<_> = api.seen().iter().map(support::rbac_call).collect();
