@@ -32,20 +32,29 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("reading kubeconfig {path}: {source}")]
+    #[error("reading kubeconfig {path}")]
     Kubeconfig {
         path: String,
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error(
-        "no kubeconfig given and not running in a pod ({0}): pass --kubeconfig PATH or run in-cluster"
-    )]
+    #[error("no in-cluster service account (not running in a pod?): pass --kubeconfig PATH")]
     InCluster(#[source] kube::config::InClusterError),
-    #[error("building the Kubernetes client: {0}")]
+    #[error("building the Kubernetes client")]
     Client(#[source] kube::Error),
-    #[error("starting the Kubernetes watch runtime: {0}")]
+    #[error("starting the Kubernetes watch runtime")]
     Runtime(#[source] std::io::Error),
+}
+
+/// An error with its causes, for logs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
 }
 
 /// The client configuration from a kubeconfig file, or from the pod's service account when
@@ -390,7 +399,7 @@ fn spawn_pump(factory: ClientFactory, node: &str) -> Result<Channels, ConnectErr
                 let client = match factory() {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::error!("cannot make the Kubernetes client: {e}");
+                        tracing::error!("cannot make the Kubernetes client: {}", chain(&e));
                         return;
                     }
                 };
@@ -427,7 +436,7 @@ impl Source for KubeSource {
                 tracing::error!("the Kubernetes watch thread ended; restarting it in 1s");
                 std::thread::sleep(Duration::from_secs(1));
                 let (events, reports) = spawn_pump(self.factory.clone(), &self.node)
-                    .map_err(|e| SourceError::Disconnected(e.to_string()))?;
+                    .map_err(|e| SourceError::Disconnected(chain(&e)))?;
                 self.events = events;
                 self.reports = reports;
                 Ok(WatchEvent::Relist)
