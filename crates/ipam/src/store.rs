@@ -1,8 +1,12 @@
 //! A [`Pool`] kept in one JSON file, replaced atomically on every change.
 //!
-//! Every change is written to `ipam.json.tmp` in the same directory, fsynced, renamed over
-//! `ipam.json`, and the directory fsynced, before the change is visible in memory. A crash at
-//! any point leaves either the old or the new file in place; a leftover temp file is ignored.
+//! Every change is written to `ipam.json.tmp` in the same directory and renamed over
+//! `ipam.json` before the change is visible in memory, so a crash of the process at any point
+//! leaves either the old or the new file in place; a leftover temp file is ignored. Changes to
+//! the set of addresses are also fsynced (file and directory) so they survive a crash of the
+//! machine; changes to owner data only ([`Store::set_owner`]) are not: what they record (veths,
+//! attached programs) does not survive a reboot anyway, and an fsync costs ~10 ms on the
+//! CNI ADD path.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -40,7 +44,16 @@ fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreErro
     move |source| StoreError::Io { path, op, source }
 }
 
-/// A pool whose every change is durable before the call returns.
+/// Which crash a write must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Written and renamed: the file is consistent after a crash of the process.
+    ProcessCrash,
+    /// Also fsynced, file and directory: consistent and current after a crash of the machine.
+    MachineCrash,
+}
+
+/// A pool whose every change is on disk before the call returns.
 #[derive(Debug)]
 pub struct Store<K: Ord, V> {
     dir: PathBuf,
@@ -100,10 +113,18 @@ where
         &mut self,
         change: impl FnOnce(&mut Pool<K, V>) -> Result<R, PoolError>,
     ) -> Result<R, StoreError> {
+        self.update_with(Durability::MachineCrash, change)
+    }
+
+    fn update_with<R>(
+        &mut self,
+        durability: Durability,
+        change: impl FnOnce(&mut Pool<K, V>) -> Result<R, PoolError>,
+    ) -> Result<R, StoreError> {
         let mut next = self.pool.clone();
         let result = change(&mut next)?;
         if next != self.pool {
-            self.write(&next)?;
+            self.write(&next, durability)?;
             self.pool = next;
         }
         Ok(result)
@@ -129,9 +150,10 @@ where
         self.update(|p| p.set_block(block))
     }
 
-    /// Replaces the owner data of `key`; returns false if the key holds no address.
+    /// Replaces the owner data of `key`; returns false if the key holds no address. Survives a
+    /// crash of the process, not necessarily one of the machine (see the module docs).
     pub fn set_owner(&mut self, key: &K, owner: V) -> Result<bool, StoreError> {
-        self.update(|p| match p.owner_mut(key) {
+        self.update_with(Durability::ProcessCrash, |p| match p.owner_mut(key) {
             Some(o) => {
                 *o = owner;
                 Ok(true)
@@ -140,7 +162,7 @@ where
         })
     }
 
-    fn write(&self, pool: &Pool<K, V>) -> Result<(), StoreError> {
+    fn write(&self, pool: &Pool<K, V>, durability: Durability) -> Result<(), StoreError> {
         let path = self.path();
         let temp = self.dir.join(TEMP_NAME);
         let bytes = serde_json::to_vec_pretty(pool).map_err(|e| StoreError::Corrupt {
@@ -155,13 +177,17 @@ where
             .open(&temp)
             .map_err(io(&temp, "creating"))?;
         f.write_all(&bytes).map_err(io(&temp, "writing"))?;
-        f.sync_all().map_err(io(&temp, "fsync"))?;
+        if durability == Durability::MachineCrash {
+            f.sync_all().map_err(io(&temp, "fsync"))?;
+        }
         drop(f);
         fs::rename(&temp, &path).map_err(io(&path, "renaming the temp file over"))?;
-        // The rename is durable only once the directory entry is.
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir, "fsync of the directory"))?;
+        if durability == Durability::MachineCrash {
+            // The rename is durable only once the directory entry is.
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir, "fsync of the directory"))?;
+        }
         Ok(())
     }
 }
