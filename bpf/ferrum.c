@@ -23,6 +23,8 @@ _Static_assert(sizeof(struct ferrum_ipcache_value) == FERRUM_IPCACHE_VALUE_SIZE,
 _Static_assert(sizeof(struct ferrum_nat_key) == FERRUM_NAT_KEY_SIZE, "nat key layout");
 _Static_assert(sizeof(struct ferrum_nat_value) == FERRUM_NAT_VALUE_SIZE, "nat value layout");
 _Static_assert(sizeof(struct ferrum_event) == FERRUM_EVENT_SIZE, "event layout");
+_Static_assert(sizeof(struct ferrum_flow_key) == FERRUM_FLOW_KEY_SIZE, "flow key layout");
+_Static_assert(sizeof(struct ferrum_flow_slot) == FERRUM_FLOW_SLOT_SIZE, "flow slot layout");
 
 #define NAT_PORT_TRIES 32
 #define TUNNEL_TTL 64
@@ -74,9 +76,28 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
+	__uint(max_entries, 1024 * 1024);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrum_events SEC(".maps");
+
+/* Events the full ring could not take (per CPU; the agent sums them). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_events_lost SEC(".maps");
+
+/* Last trace event time per (flow, observation point) for non-TCP flows: per CPU and direct
+ * mapped, so the check is an array access without locks or hashing in the map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FERRUM_FLOW_AGG_SLOTS);
+	__type(key, __u32);
+	__type(value, struct ferrum_flow_slot);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_flow_agg SEC(".maps");
 
 /* linux/icmp.h drags in libc headers that do not exist for the BPF target. */
 #define ICMP_ECHOREPLY 0
@@ -110,6 +131,7 @@ struct flow {
 	__u8 proto;
 	__u8 has_ports; /* TCP, UDP or ICMP echo/reply with an identifier we can translate */
 	__u8 icmp_type;
+	__u8 tcp_flags;
 	__u32 l4_off;
 };
 
@@ -144,12 +166,21 @@ static __always_inline void emit(struct __sk_buff *skb, __u8 kind, __u8 reason,
 		ev.daddr = f->daddr;
 		ev.sport = f->sport;
 		ev.dport = f->dport;
+		ev.tcp_flags = f->tcp_flags;
+		ev.icmp_type = f->icmp_type;
 	}
 	ev.tunnel_endpoint = tunnel;
 	ev.nat_addr = nat_addr;
 	ev.nat_port = nat_port;
-	/* A full ring loses the event, never the packet. */
-	bpf_ringbuf_output(&ferrum_events, &ev, sizeof(ev), 0);
+	if (reason == FERRUM_TRACE_REV_SNAT)
+		ev.ev_flags |= FERRUM_EVF_REPLY;
+	/* A full ring loses the event, never the packet; the loss is counted. */
+	if (bpf_ringbuf_output(&ferrum_events, &ev, sizeof(ev), 0) < 0) {
+		__u32 zero = 0;
+		__u64 *lost = bpf_map_lookup_elem(&ferrum_events_lost, &zero);
+		if (lost)
+			*lost += 1;
+	}
 }
 
 static __always_inline int drop(struct __sk_buff *skb, __u8 reason, const struct flow *f)
@@ -158,10 +189,60 @@ static __always_inline int drop(struct __sk_buff *skb, __u8 reason, const struct
 	return TC_ACT_SHOT;
 }
 
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+
+static __always_inline __u32 mix32(__u32 h)
+{
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* Whether a forwarded packet starts a flow record: TCP connection starts and ends cost no map
+ * access; other protocols emit once per flow, point and CPU per FERRUM_FLOW_AGG_NS. */
+static __always_inline int flow_event_due(const struct ferrum_config *cfg, __u8 point,
+					  const struct flow *f)
+{
+	struct ferrum_flow_key key = {};
+	struct ferrum_flow_slot *slot;
+	__u64 now, *a, *b;
+	__u32 idx;
+
+	if (cfg->flags & FERRUM_FLAG_TRACE_ALL)
+		return 1;
+	if (f->proto == IPPROTO_TCP)
+		return (f->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST)) != 0;
+	key.saddr = f->saddr;
+	key.daddr = f->daddr;
+	key.sport = f->sport;
+	key.dport = f->dport;
+	key.proto = f->proto;
+	key.point = point;
+	idx = mix32(key.saddr ^ mix32(key.daddr ^ mix32(((__u32)key.sport << 16 | key.dport) ^
+							  ((__u32)key.proto << 8 | point)))) &
+	      (FERRUM_FLOW_AGG_SLOTS - 1);
+	slot = bpf_map_lookup_elem(&ferrum_flow_agg, &idx);
+	if (!slot)
+		return 1;
+	now = bpf_ktime_get_coarse_ns();
+	a = (__u64 *)&key;
+	b = (__u64 *)&slot->key;
+	if (a[0] == b[0] && a[1] == b[1] && now - slot->last_ns < FERRUM_FLOW_AGG_NS)
+		return 0;
+	slot->key = key;
+	slot->last_ns = now;
+	return 1;
+}
+
 static __always_inline void trace(struct __sk_buff *skb, const struct ferrum_config *cfg, __u8 point,
 				  const struct flow *f, __u32 tunnel, __u32 nat_addr, __u16 nat_port)
 {
-	if (cfg && (cfg->flags & FERRUM_FLAG_TRACE))
+	if (cfg && (cfg->flags & FERRUM_FLAG_TRACE) && flow_event_due(cfg, point, f))
 		emit(skb, FERRUM_EVENT_TRACE, point, f, tunnel, nat_addr, nat_port);
 }
 
@@ -190,11 +271,20 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 	f->dport = 0;
 	f->has_ports = 0;
 	f->icmp_type = 0;
+	f->tcp_flags = 0;
 	f->l4_off = ETH_HLEN + ihl;
 	/* Only first fragments (or unfragmented packets) carry the L4 header. */
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return 0;
-	if (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP) {
+	if (f->proto == IPPROTO_TCP) {
+		__u8 tcp[14]; /* ports, seq, ack, data offset, flags */
+		if (bpf_skb_load_bytes(skb, f->l4_off, tcp, sizeof(tcp)) < 0)
+			return -2;
+		__builtin_memcpy(&f->sport, &tcp[0], 2);
+		__builtin_memcpy(&f->dport, &tcp[2], 2);
+		f->tcp_flags = tcp[13];
+		f->has_ports = 1;
+	} else if (f->proto == IPPROTO_UDP) {
 		__u16 ports[2];
 		if (bpf_skb_load_bytes(skb, f->l4_off, ports, sizeof(ports)) < 0)
 			return -2;
@@ -377,19 +467,13 @@ int to_overlay(struct __sk_buff *skb)
 	tunnel = peer->tunnel_endpoint;
 	if (set_tunnel(skb, cfg, tunnel) < 0)
 		return drop(skb, FERRUM_DROP_ENCAP_FAILED, &f);
-	trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, &f, tunnel, 0, 0);
+	/* Pod traffic was traced by from_pod already; this point reports the node's own. */
+	if ((cfg->flags & FERRUM_FLAG_TRACE) && flow_event_due(cfg, FERRUM_TRACE_TO_OVERLAY, &f) &&
+	    !bpf_map_lookup_elem(&ferrum_endpoints, &f.saddr))
+		emit(skb, FERRUM_EVENT_TRACE, FERRUM_TRACE_TO_OVERLAY, &f, tunnel, 0, 0);
 	return TC_ACT_OK;
 }
 
-static __always_inline __u32 mix32(__u32 h)
-{
-	h ^= h >> 16;
-	h *= 0x85ebca6b;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35;
-	h ^= h >> 16;
-	return h;
-}
 
 static __always_inline __u32 flow_hash(const struct ferrum_nat_key *k)
 {

@@ -21,7 +21,13 @@ struct ferrum_config {
 	__u32 flags;
 };
 #define FERRUM_CONFIG_SIZE 40
+/* Flow events for forwarded traffic: connection starts/ends (TCP SYN/FIN/RST) and, for other
+ * protocols, one event per flow and observation point per aggregation interval. */
 #define FERRUM_FLAG_TRACE (1U << 0)
+/* With FERRUM_FLAG_TRACE: an event for every forwarded packet (debugging; costs throughput). */
+#define FERRUM_FLAG_TRACE_ALL (1U << 1)
+/* Aggregation interval of non-TCP flows' trace events. */
+#define FERRUM_FLOW_AGG_NS 1000000000ULL
 
 /* ferrum_endpoints: local pod IPv4 -> endpoint. */
 struct ferrum_endpoint {
@@ -77,7 +83,7 @@ struct ferrum_event {
 	__u8 kind; /* 1 drop, 2 trace */
 	__u8 reason; /* drop reason or observation point */
 	__u8 proto;
-	__u8 pad;
+	__u8 tcp_flags; /* TCP header flags byte (FIN 0x01 SYN 0x02 RST 0x04 PSH 0x08 ACK 0x10) */
 	__u32 ifindex;
 	__u32 saddr;
 	__u32 daddr;
@@ -87,8 +93,33 @@ struct ferrum_event {
 	__u32 nat_addr;
 	__u16 nat_port;
 	__u16 pad2;
+	/* Context from the policy and service stages for observability; 0 = none. */
+	__u32 rule_id; /* the policy rule that decided */
+	__u16 service_id; /* the Service a translated packet went through */
+	__u8 ev_flags; /* FERRUM_EVF_* */
+	__u8 icmp_type;
 };
-#define FERRUM_EVENT_SIZE 40
+#define FERRUM_EVENT_SIZE 48
+#define FERRUM_EVF_REPLY (1U << 0) /* the packet is a reply of a tracked connection */
+
+/* ferrum_flow_agg: per-CPU, direct-mapped cache of the last trace event per (flow, point);
+ * a collision only costs an extra event. */
+struct ferrum_flow_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 point;
+	__u16 pad;
+};
+#define FERRUM_FLOW_KEY_SIZE 16
+struct ferrum_flow_slot {
+	struct ferrum_flow_key key;
+	__u64 last_ns;
+};
+#define FERRUM_FLOW_SLOT_SIZE 24
+#define FERRUM_FLOW_AGG_SLOTS 4096 /* power of two */
 
 #define FERRUM_EVENT_DROP 1
 #define FERRUM_EVENT_TRACE 2

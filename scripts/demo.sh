@@ -52,11 +52,25 @@ echo "The node's agent logged the drop with its reason:"
 node0_log=/var/lib/ferrum/labs/demo/nodes/node-0/agent.log
 grep -i 'drop' "$node0_log" | tail -n 3 || true
 
+step "Flows, on by default: every node records them; ferrum observe merges all nodes by time"
+run ferrum observe --from-pod demo/client --last 8
+run ferrum observe --verdict DROPPED -o table --last 3
+echo "Each agent serves Prometheus metrics and the web service map on its node IP, port 9962:"
+node0_ns=$(ferrum lab status -o json | python3 -c "import json,sys; n=json.load(sys.stdin)['nodes'][0]; print(n['netns'], n['metrics'])")
+metrics_url=${node0_ns#* }
+hostport=${metrics_url#http://}; hostport=${hostport%%/*}
+nsenter --net="/run/netns/${node0_ns% *}" bash -c "exec 3<>/dev/tcp/${hostport%:*}/${hostport#*:}; printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3; cat <&3" \
+  | grep -E '^ferrum_(drops_total|flows_processed_total)' | sed 's/^/  /' || true
+
 step "The lab keeps running. Explore it:"
 cat <<TXT
   export PATH=$PWD/target/debug:\$PATH FERRUM_LAB=demo
   ferrum get pods -A -o wide
   ferrum exec -n demo client -- ping -c 2 $web1
   ferrum lab status -o json
+  ferrum observe --follow                       # live flows from every node (Ctrl-C to stop)
+  ferrum observe -n demo --verdict DROPPED -o json
+  nsenter --net=/run/netns/${node0_ns% *} chromium --headless --no-sandbox --screenshot=/tmp/map.png ${metrics_url%metrics}
+                                                # the service map (served on every node)
 Remove it with:  ferrum lab down --name demo
 TXT

@@ -7,6 +7,7 @@ packages=(
   iperf3 tcpdump                           # benchmarks and debugging
   podman runc containernetworking-plugins busybox-static  # the real-runtime CNI test
   iptables nftables                        # kube-proxy takeover tests
+  prometheus chromium                      # promtool checks the metrics; the service map test
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -55,6 +55,37 @@ pub struct Config {
     pub vni: u32,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Where the agent serves metrics (/metrics), flows (/v1/flows) and the service map (/)
+    /// over HTTP, inside the node's network namespace.
+    #[arg(long, default_value = "0.0.0.0:9962")]
+    pub observe_addr: std::net::SocketAddr,
+    /// The same HTTP API on a unix socket (how `ferrum observe` reaches the agent).
+    #[arg(long, default_value = "/run/ferrum/observe.sock")]
+    pub observe_socket: PathBuf,
+    /// Flows the node keeps in memory (the oldest are overwritten).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub flow_ring_size: u32,
+    /// Which forwarded packets become flows: sampled (TCP connection starts/ends, one per
+    /// other flow and second), every-packet (debugging), off. Drops are always reported.
+    #[arg(long, value_enum, default_value_t = FlowEventsArg::Sampled)]
+    pub flow_events: FlowEventsArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlowEventsArg {
+    Sampled,
+    EveryPacket,
+    Off,
+}
+
+impl From<FlowEventsArg> for ferrum_datapath::bpf::FlowEvents {
+    fn from(a: FlowEventsArg) -> Self {
+        match a {
+            FlowEventsArg::Sampled => ferrum_datapath::bpf::FlowEvents::Sampled,
+            FlowEventsArg::EveryPacket => ferrum_datapath::bpf::FlowEvents::EveryPacket,
+            FlowEventsArg::Off => ferrum_datapath::bpf::FlowEvents::Off,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -69,6 +100,21 @@ mod tests {
         assert_eq!(c.vni, 2);
         assert_eq!(c.cluster_pod_cidr.to_string(), "10.244.0.0/16");
         assert_eq!(c.socket, PathBuf::from(ferrum_agent_api::DEFAULT_SOCKET));
+        assert_eq!(
+            c.flow_events,
+            FlowEventsArg::Sampled,
+            "observability is on by default"
+        );
+        assert_eq!(c.observe_addr.port(), 9962);
+        assert_eq!(c.flow_ring_size, 4096);
+    }
+
+    #[test]
+    fn flow_ring_size_zero_is_refused() {
+        let e =
+            Config::try_parse_from(["ferrum-agent", "--node-name", "n1", "--flow-ring-size", "0"])
+                .unwrap_err();
+        assert!(e.to_string().contains("flow-ring-size"), "{e}");
     }
 
     #[test]

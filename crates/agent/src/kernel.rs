@@ -27,6 +27,8 @@ pub struct NodeDevices {
     pub overlay: String,
     pub overlay_ifindex: u32,
     pub vni: u32,
+    /// Which forwarded packets produce flow events (drops always do).
+    pub flow_events: ferrum_datapath::bpf::FlowEvents,
 }
 
 pub struct KernelDataplane {
@@ -66,6 +68,9 @@ impl KernelDataplane {
                 trace: false,
             })
             .with_context(|| format!("writing the datapath config for block {block}"))?;
+        self.datapath
+            .set_flow_events(d.flow_events)
+            .context("setting the datapath's flow events")?;
         self.datapath
             .attach_overlay(&d.overlay)
             .with_context(|| format!("attaching the overlay programs to {}", d.overlay))?;

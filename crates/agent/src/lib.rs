@@ -10,6 +10,7 @@ pub mod handler;
 pub mod install;
 pub mod ipcache;
 pub mod kernel;
+pub mod observe;
 pub mod restore;
 pub mod server;
 pub mod tools;
@@ -137,6 +138,7 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
             overlay: OVERLAY_DEVICE.into(),
             overlay_ifindex: overlay.index,
             vni: config.vni,
+            flow_events: config.flow_events.into(),
         },
     );
     // A restarted agent keeps forwarding for the block it had; the watch confirms it later.
@@ -160,10 +162,34 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
         let state = Arc::clone(&state);
         move || server::serve(listener, state)
     })?;
+    let observer = Arc::new(observe::Observer::new(
+        &config.node_name,
+        config.flow_ring_size as usize,
+        config.observe_addr.port(),
+    ));
     spawn("events", {
         let counters = Arc::clone(&counters);
-        move || event_loop(events, counters)
+        let observer = Arc::clone(&observer);
+        move || event_loop(events, counters, observer)
     })?;
+    let api = Arc::new(observe::Api {
+        observer: Arc::clone(&observer),
+        stats: Box::new({
+            let state = Arc::clone(&state);
+            move || datapath_stats(&state)
+        }),
+    });
+    let tcp = observe::bind_tcp(config.observe_addr)?;
+    spawn("observe-tcp", {
+        let api = Arc::clone(&api);
+        move || observe::serve_tcp(tcp, api)
+    })?;
+    let unix = observe::bind_unix(&config.observe_socket)?;
+    spawn("observe-unix", {
+        let api = Arc::clone(&api);
+        move || observe::serve_unix(unix, api)
+    })?;
+    let source: Box<dyn Source> = Box::new(observe::ObservedSource::new(source, observer));
     let id = NodeIdentity {
         name: config.node_name.clone(),
         ip: node_ip,
@@ -189,7 +215,32 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<JoinHa
         .with_context(|| format!("starting the {name} thread"))
 }
 
-fn event_loop(mut reader: ferrum_datapath::bpf::EventReader, counters: SharedCounters) {
+fn datapath_stats(state: &SharedState<KernelDataplane>) -> anyhow::Result<observe::DatapathStats> {
+    let guard = state.lock().unwrap_or_else(|p| p.into_inner());
+    let dp = &guard.dataplane.datapath;
+    let maps = dp.map_fill().context("reading BPF map fill levels")?;
+    let nat_entries = maps
+        .iter()
+        .find(|m| m.name == "ferrum_nat")
+        .map_or(0, |m| m.entries);
+    Ok(observe::DatapathStats {
+        endpoints: maps
+            .iter()
+            .find(|m| m.name == "ferrum_endpoints")
+            .map_or(0, |m| m.entries),
+        events_lost: dp
+            .events_lost()
+            .context("reading the lost-events counter")?,
+        nat_entries,
+        maps,
+    })
+}
+
+fn event_loop(
+    mut reader: ferrum_datapath::bpf::EventReader,
+    counters: SharedCounters,
+    observer: Arc<observe::Observer>,
+) {
     use ferrum_datapath::bpf::EventKind;
     loop {
         let batch = match reader.poll(Duration::from_secs(1)) {
@@ -200,6 +251,7 @@ fn event_loop(mut reader: ferrum_datapath::bpf::EventReader, counters: SharedCou
                 continue;
             }
         };
+        observer.record(&batch);
         let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
         for ev in batch {
             let kind = match ev.kind {

@@ -151,6 +151,8 @@ fn start_agent(
         dir.join("state").to_str().unwrap(),
         "--bpf-pin-dir",
         test.pin_dir.to_str().unwrap(),
+        "--observe-socket",
+        dir.join("run/observe.sock").to_str().unwrap(),
     ])
     .unwrap();
     let (event_tx, events) = channel();

@@ -304,6 +304,10 @@ pub fn status(name: &str, args: StatusArgs) -> Result<()> {
                 "podCIDR": profile.node_pod_cidr(i).to_string(),
                 "ready": reports.get(&format!("agent/{node}")).is_some_and(|r| r.ready),
                 "agentPid": agent_pid,
+                // Reachable from inside the node's netns (and the fabric).
+                "metrics": format!("http://{}:{}/metrics", profile.node_ip(i), daemon::OBSERVE_PORT),
+                "serviceMap": format!("http://{}:{}/", profile.node_ip(i), daemon::OBSERVE_PORT),
+                "observeSocket": paths.observe_socket(node),
             })
         })
         .collect();
@@ -350,6 +354,10 @@ pub fn status(name: &str, args: StatusArgs) -> Result<()> {
                 "-",
                 "-",
                 paths.external_netns()
+            );
+            println!(
+                "metrics and service map: http://<node ip>:{}/metrics and / inside each node's netns",
+                daemon::OBSERVE_PORT
             );
         }
         Some(other) => bail!("unknown output format {other:?}; use json"),

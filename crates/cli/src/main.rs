@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod lab_cmd;
 mod objects_cmd;
+mod observe_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,8 @@ enum Command {
     Get(objects_cmd::GetArgs),
     /// Run a command inside a pod's network namespace; its exit code is passed through.
     Exec(lab_cmd::ExecArgs),
+    /// Show flows from every node, merged by time (filters, --follow, -o compact|json|table).
+    Observe(observe_cmd::ObserveArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,6 +79,7 @@ fn main() {
         Command::Delete(a) => objects_cmd::delete(&cli.name, a).map(|_| 0),
         Command::Get(a) => objects_cmd::get(&cli.name, a).map(|_| 0),
         Command::Exec(a) => lab_cmd::exec(&cli.name, a),
+        Command::Observe(a) => observe_cmd::observe(&cli.name, a).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

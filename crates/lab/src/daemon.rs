@@ -27,6 +27,8 @@ use crate::profile::LabPaths;
 use crate::runtime::{Runtime, RuntimeConfig};
 
 pub const AGENT_BINARY: &str = "ferrum-agent";
+/// Port of each agent's observability API (metrics, flows, service map) on its node IP.
+pub const OBSERVE_PORT: u16 = 9962;
 pub const CNI_BINARY: &str = "ferrum-cni";
 const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -380,6 +382,10 @@ impl AgentSupervisor {
             .arg(p.cp_socket())
             .arg("--socket")
             .arg(p.agent_socket(&self.node))
+            .arg("--observe-socket")
+            .arg(p.observe_socket(&self.node))
+            .arg("--observe-addr")
+            .arg(format!("0.0.0.0:{OBSERVE_PORT}"))
             .arg("--state-dir")
             .arg(p.node_state_dir(&self.node))
             .arg("--bpf-pin-dir")

@@ -55,6 +55,11 @@ impl LabPaths {
         self.run_dir.join("nodes").join(node).join("agent.sock")
     }
 
+    /// A node's observability API socket (flows, metrics, service map; `ferrum observe`).
+    pub fn observe_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join("nodes").join(node).join("observe.sock")
+    }
+
     /// A node's persistent state (IPAM store, logs, CNI config).
     pub fn node_state_dir(&self, node: &str) -> PathBuf {
         self.state_dir.join("nodes").join(node)

@@ -20,6 +20,7 @@ pub(crate) struct RawConfig {
     pub flags: u32,
 }
 pub(crate) const CONFIG_FLAG_TRACE: u32 = 1;
+pub(crate) const CONFIG_FLAG_TRACE_ALL: u32 = 1 << 1;
 
 /// `struct ferrum_endpoint`.
 #[repr(C)]
@@ -71,7 +72,7 @@ pub(crate) struct RawEvent {
     pub kind: u8,
     pub reason: u8,
     pub proto: u8,
-    pub pad: u8,
+    pub tcp_flags: u8,
     pub ifindex: u32,
     pub saddr: u32,
     pub daddr: u32,
@@ -81,6 +82,10 @@ pub(crate) struct RawEvent {
     pub nat_addr: u32,
     pub nat_port: u16,
     pub pad2: u16,
+    pub rule_id: u32,
+    pub service_id: u16,
+    pub ev_flags: u8,
+    pub icmp_type: u8,
 }
 
 // SAFETY: plain old data, no padding the kernel could leave uninitialised that we rely on.
@@ -97,7 +102,10 @@ pub(crate) const IPCACHE_KEY_SIZE: usize = 8;
 pub(crate) const IPCACHE_VALUE_SIZE: usize = 8;
 pub(crate) const NAT_KEY_SIZE: usize = 16;
 pub(crate) const NAT_VALUE_SIZE: usize = 16;
-pub(crate) const EVENT_SIZE: usize = 40;
+pub(crate) const EVENT_SIZE: usize = 48;
+/// `struct ferrum_flow_slot`: a 16-byte flow key and a u64 time (only the kernel reads it).
+pub(crate) const FLOW_SLOT_SIZE: usize = 24;
+pub(crate) const EVENT_FLAG_REPLY: u8 = 1;
 
 const _: () = assert!(size_of::<RawConfig>() == CONFIG_SIZE);
 const _: () = assert!(size_of::<RawEndpoint>() == ENDPOINT_SIZE);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{MapData, RingBuf};
 
 use super::DatapathError;
-use super::abi::{EVENT_SIZE, RawEvent, addr_from_raw, port_from_raw};
+use super::abi::{EVENT_FLAG_REPLY, EVENT_SIZE, RawEvent, addr_from_raw, port_from_raw};
 
 /// Why a packet was dropped, or where a traced packet was observed. Codes are stable: they are
 /// the values the programs write (bpf/ferrum.h, `enum ferrum_reason`).
@@ -140,6 +140,16 @@ pub struct Event {
     pub nat: Option<SocketAddrV4>,
     /// CLOCK_MONOTONIC nanoseconds when the program ran.
     pub timestamp_ns: u64,
+    /// The TCP header's flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// The ICMP type (0 for other protocols, and for echo replies).
+    pub icmp_type: u8,
+    /// The datapath knows the packet is a reply of a connection (reverse SNAT).
+    pub is_reply: bool,
+    /// The policy rule that decided (0: none, or no policy stage yet).
+    pub rule_id: u32,
+    /// The Service a translated packet went through (0: none).
+    pub service_id: u16,
 }
 
 impl Event {
@@ -167,6 +177,11 @@ impl Event {
             nat: (raw.nat_addr != 0)
                 .then(|| SocketAddrV4::new(nat_addr, port_from_raw(raw.nat_port))),
             timestamp_ns: raw.ts_ns,
+            tcp_flags: raw.tcp_flags,
+            icmp_type: raw.icmp_type,
+            is_reply: raw.ev_flags & EVENT_FLAG_REPLY != 0,
+            rule_id: raw.rule_id,
+            service_id: raw.service_id,
         })
     }
 }
@@ -253,6 +268,10 @@ mod tests {
             sport: 1234u16.to_be(),
             dport: 80u16.to_be(),
             tunnel_endpoint: u32::from_ne_bytes([192, 168, 0, 1]),
+            tcp_flags: 0x12,
+            rule_id: 77,
+            service_id: 5,
+            ev_flags: 1,
             ..RawEvent::default()
         };
         // SAFETY: RawEvent is repr(C) plain old data.
@@ -264,6 +283,9 @@ mod tests {
         assert_eq!(event.dst, "10.0.0.2:80".parse().unwrap());
         assert_eq!(event.tunnel_endpoint, Some(Ipv4Addr::new(192, 168, 0, 1)));
         assert_eq!(event.nat, None);
+        assert_eq!(event.tcp_flags, 0x12);
+        assert!(event.is_reply);
+        assert_eq!((event.rule_id, event.service_id), (77, 5));
         assert!(Event::decode(&bytes[..10]).is_none());
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapError, MapInfo, RingBuf};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapError, MapInfo, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions};
@@ -24,9 +24,9 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 
 use abi::{
-    CONFIG_FLAG_TRACE, CONFIG_SIZE, ENDPOINT_SIZE, IPCACHE_KEY_SIZE, IPCACHE_VALUE_SIZE,
-    NAT_KEY_SIZE, NAT_VALUE_SIZE, RawConfig, RawEndpoint, RawIpcacheValue, RawNatKey, RawNatValue,
-    addr_from_raw, addr_to_raw, port_from_raw,
+    CONFIG_FLAG_TRACE, CONFIG_FLAG_TRACE_ALL, CONFIG_SIZE, ENDPOINT_SIZE, FLOW_SLOT_SIZE,
+    IPCACHE_KEY_SIZE, IPCACHE_VALUE_SIZE, NAT_KEY_SIZE, NAT_VALUE_SIZE, RawConfig, RawEndpoint,
+    RawIpcacheValue, RawNatKey, RawNatValue, addr_from_raw, addr_to_raw, port_from_raw,
 };
 pub use events::{Event, EventKind, EventReader, Reason};
 
@@ -45,9 +45,12 @@ const MAP_IPCACHE: &str = "ferrum_ipcache";
 const MAP_NAT: &str = "ferrum_nat";
 const MAP_NAT_REV: &str = "ferrum_nat_rev";
 const MAP_EVENTS: &str = "ferrum_events";
+const MAP_EVENTS_LOST: &str = "ferrum_events_lost";
+const MAP_FLOW_AGG: &str = "ferrum_flow_agg";
 
 /// (map, key size, value size) of every pinned map, to refuse pins left by an incompatible build.
-const MAP_LAYOUTS: [(&str, usize, usize); 5] = [
+const MAP_LAYOUTS: [(&str, usize, usize); 6] = [
+    (MAP_FLOW_AGG, 4, FLOW_SLOT_SIZE),
     (MAP_CONFIG, 4, CONFIG_SIZE),
     (MAP_ENDPOINTS, 4, ENDPOINT_SIZE),
     (MAP_IPCACHE, IPCACHE_KEY_SIZE, IPCACHE_VALUE_SIZE),
@@ -155,6 +158,23 @@ pub struct NodeConfig {
     pub nat_ports: std::ops::RangeInclusive<u16>,
     /// Emit a trace event per forwarded packet (costs throughput; drops are always reported).
     pub trace: bool,
+}
+
+/// Which forwarded packets produce flow (trace) events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvents {
+    Off,
+    /// TCP SYN/FIN/RST packets, and one event per other flow and observation point per second.
+    Sampled,
+    EveryPacket,
+}
+
+/// How full one BPF map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: u64,
+    pub max_entries: u64,
 }
 
 /// A local pod as the programs see it.
@@ -733,6 +753,70 @@ impl Datapath {
             });
         }
         out.sort_by_key(|e| (e.proto, e.pod, e.remote));
+        Ok(out)
+    }
+
+    /// Flow events for forwarded traffic: off, sampled (connection starts/ends, one per flow
+    /// and second otherwise: the default) or every packet. Drops are always reported.
+    pub fn set_flow_events(&mut self, mode: FlowEvents) -> Result<(), DatapathError> {
+        let mut array: Array<_, RawConfig> =
+            Array::try_from(self.map_mut(MAP_CONFIG)?).map_err(map_op_err(MAP_CONFIG, "open"))?;
+        let mut raw = array
+            .get(&0, 0)
+            .map_err(map_op_err(MAP_CONFIG, "read the node config"))?;
+        raw.flags &= !(CONFIG_FLAG_TRACE | CONFIG_FLAG_TRACE_ALL);
+        raw.flags |= match mode {
+            FlowEvents::Off => 0,
+            FlowEvents::Sampled => CONFIG_FLAG_TRACE,
+            FlowEvents::EveryPacket => CONFIG_FLAG_TRACE | CONFIG_FLAG_TRACE_ALL,
+        };
+        array
+            .set(0, raw, 0)
+            .map_err(map_op_err(MAP_CONFIG, "write the node config"))
+    }
+
+    /// Events the programs could not put into the full ring buffer, summed over CPUs.
+    pub fn events_lost(&self) -> Result<u64, DatapathError> {
+        let array: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(MAP_EVENTS_LOST)?)
+            .map_err(map_op_err(MAP_EVENTS_LOST, "open"))?;
+        let values = array
+            .get(&0, 0)
+            .map_err(map_op_err(MAP_EVENTS_LOST, "read"))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Entries and capacity of every keyed map (metrics; the per-CPU flow cache is always full).
+    pub fn map_fill(&self) -> Result<Vec<MapFill>, DatapathError> {
+        fn count<K: aya::Pod, V: aya::Pod>(
+            dp: &Datapath,
+            name: &'static str,
+        ) -> Result<usize, DatapathError> {
+            let map: HashMap<_, K, V> =
+                HashMap::try_from(dp.map(name)?).map_err(map_op_err(name, "open"))?;
+            Ok(map.keys().filter(Result::is_ok).count())
+        }
+        let counts = [
+            (
+                MAP_ENDPOINTS,
+                count::<u32, RawEndpoint>(self, MAP_ENDPOINTS)?,
+            ),
+            (MAP_IPCACHE, self.ipcache()?.len()),
+            (MAP_NAT, count::<RawNatKey, RawNatValue>(self, MAP_NAT)?),
+            (
+                MAP_NAT_REV,
+                count::<RawNatKey, RawNatValue>(self, MAP_NAT_REV)?,
+            ),
+        ];
+        let mut out = Vec::new();
+        for (name, entries) in counts {
+            let path = self.pin_dir.join(name);
+            let info = MapInfo::from_pin(&path).map_err(map_op_err(name, "read its info"))?;
+            out.push(MapFill {
+                name,
+                entries: entries as u64,
+                max_entries: u64::from(info.max_entries()),
+            });
+        }
         Ok(out)
     }
 
