@@ -23,6 +23,17 @@ fn pin(cpu: usize) {
     }
 }
 
+/// A bpffs pin directory removed on drop, also when the benchmark panics.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = remove_pins(&self.0) {
+            eprintln!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
 struct Phase {
     produced: u64,
     consumed: u64,
@@ -97,8 +108,8 @@ fn phase(
 #[test]
 #[ignore = "benchmark: run explicitly with --ignored --nocapture (root)"]
 fn events_per_second_on_one_core() {
-    let pin_dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/ferrum-bench-{}", std::process::id()));
+    let pins = Pins(format!("/sys/fs/bpf/ferrum-bench-{}", std::process::id()).into());
+    let pin_dir = pins.0.clone();
     // A private network namespace for this thread (and the threads it starts): nothing is
     // attached anywhere, but the test runs stay out of the root namespace all the same.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare a netns");
@@ -137,7 +148,7 @@ fn events_per_second_on_one_core() {
         steady.consumed as f64 / steady.secs
     );
     drop(dp);
-    let _ = remove_pins(&pin_dir);
+    drop(pins);
     assert_eq!(
         flat.produced,
         flat.consumed + flat.lost,
@@ -153,10 +164,8 @@ fn events_per_second_on_one_core() {
 #[ignore = "benchmark: run explicitly with --ignored --nocapture (root)"]
 fn per_packet_cost_of_flow_events() {
     use ferrum_datapath::bpf::{EndpointInfo, FlowEvents};
-    let pin_dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/ferrum-bench-pp-{}",
-        std::process::id()
-    ));
+    let pins = Pins(format!("/sys/fs/bpf/ferrum-bench-pp-{}", std::process::id()).into());
+    let pin_dir = pins.0.clone();
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare a netns");
     let mut dp = Datapath::open(&pin_dir).expect("load the datapath");
     dp.set_config(&NodeConfig {
@@ -263,5 +272,5 @@ fn per_packet_cost_of_flow_events() {
         drained.load(Ordering::Relaxed)
     );
     drop(dp);
-    let _ = remove_pins(&pin_dir);
+    drop(pins);
 }
