@@ -25,6 +25,12 @@ _Static_assert(sizeof(struct ferrum_nat_value) == FERRUM_NAT_VALUE_SIZE, "nat va
 _Static_assert(sizeof(struct ferrum_event) == FERRUM_EVENT_SIZE, "event layout");
 _Static_assert(sizeof(struct ferrum_flow_key) == FERRUM_FLOW_KEY_SIZE, "flow key layout");
 _Static_assert(sizeof(struct ferrum_flow_slot) == FERRUM_FLOW_SLOT_SIZE, "flow slot layout");
+_Static_assert(sizeof(struct ferrum_lb_key) == FERRUM_LB_KEY_SIZE, "lb key layout");
+_Static_assert(sizeof(struct ferrum_lb_service) == FERRUM_LB_SERVICE_SIZE, "lb service layout");
+_Static_assert(sizeof(struct ferrum_lb_backend_key) == FERRUM_LB_BACKEND_KEY_SIZE, "lb backend key");
+_Static_assert(sizeof(struct ferrum_lb_backend) == FERRUM_LB_BACKEND_SIZE, "lb backend layout");
+_Static_assert(sizeof(struct ferrum_lb_ct) == FERRUM_LB_CT_SIZE, "lb ct layout");
+_Static_assert(sizeof(struct ferrum_lb_rev) == FERRUM_LB_REV_SIZE, "lb rev layout");
 
 #define NAT_PORT_TRIES 32
 #define TUNNEL_TTL 64
@@ -365,6 +371,245 @@ static __always_inline int from_pod_arp(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* ---- Service load balancing ------------------------------------------------------------ */
+
+#define LB_CONTINUE -1
+static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, int src,
+				   __u32 old_addr, __u32 new_addr, __u16 old_port, __u16 new_port);
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_lb_key);
+	__type(value, struct ferrum_lb_service);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_lb_backend_key);
+	__type(value, struct ferrum_lb_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ferrum_nat_key);
+	__type(value, struct ferrum_lb_ct);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ferrum_nat_key);
+	__type(value, struct ferrum_lb_rev);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_rev SEC(".maps");
+
+static __always_inline int lb_proto(const struct flow *f)
+{
+	return f->has_ports && (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP);
+}
+
+static __always_inline __u16 csum_fold32(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* Reply of a balanced flow (backend -> client): the source becomes the frontend again, and a
+ * hairpinned client gets its own address back as the destination. Returns -1 on a failed
+ * rewrite, 0 otherwise (translated or not). */
+static __always_inline int lb_rev_nat(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				      struct flow *f)
+{
+	struct ferrum_nat_key key = {};
+	struct ferrum_lb_rev *rev;
+	__u32 vip, client;
+	__u16 vport;
+
+	if (!lb_proto(f))
+		return 0;
+	key.addr_a = f->saddr;
+	key.addr_b = f->daddr;
+	key.port_a = f->sport;
+	key.port_b = f->dport;
+	key.proto = f->proto;
+	rev = bpf_map_lookup_elem(&ferrum_lb_rev, &key);
+	if (!rev)
+		return 0;
+	vip = rev->frontend_addr;
+	vport = rev->frontend_port;
+	client = rev->client_addr;
+	if (rewrite(skb, f, 1, f->saddr, vip, f->sport, vport) < 0)
+		return -1;
+	f->saddr = vip;
+	f->sport = vport;
+	if (client) {
+		if (rewrite(skb, f, 0, f->daddr, client, f->dport, f->dport) < 0)
+			return -1;
+		f->daddr = client;
+	}
+	trace(skb, cfg, FERRUM_TRACE_LB_REV_DNAT, f, 0, vip, vport);
+	return 0;
+}
+
+/* No usable backend: turn the packet into an ICMP port unreachable from the frontend and send
+ * it straight back into the client pod, so connect() fails at once (TCP and UDP alike). */
+static __always_inline int lb_reject(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				     const struct ferrum_endpoint *client, const struct flow *f)
+{
+	struct {
+		__u8 type;
+		__u8 code;
+		__u16 checksum;
+		__u32 unused;
+	} icmp = {};
+	struct iphdr ip = {};
+	__u8 quoted[28]; /* the offending IP header and the first 8 bytes of its payload */
+	__u32 sum;
+	void *data, *data_end;
+	struct ethhdr *eth;
+
+	emit(skb, FERRUM_EVENT_DROP, FERRUM_DROP_NO_BACKEND, f, 0, 0, 0);
+	if (f->l4_off != ETH_HLEN + sizeof(struct iphdr))
+		return TC_ACT_SHOT; /* IP options: quoting them is not worth the complexity */
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, quoted, sizeof(quoted)) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(ip) + sizeof(icmp) + sizeof(quoted), 0) < 0)
+		return TC_ACT_SHOT;
+
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.tos = 0xc0;
+	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(icmp) + sizeof(quoted));
+	ip.ttl = 64;
+	ip.protocol = IPPROTO_ICMP;
+	ip.saddr = f->daddr;
+	ip.daddr = f->saddr;
+	ip.check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+	icmp.type = ICMP_DEST_UNREACH;
+	icmp.code = ICMP_PORT_UNREACH;
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&icmp, sizeof(icmp), 0);
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)quoted, sizeof(quoted), sum);
+	icmp.checksum = csum_fold32(sum);
+
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &icmp, sizeof(icmp), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip) + sizeof(icmp), quoted, sizeof(quoted),
+				0) < 0)
+		return TC_ACT_SHOT;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(eth->h_dest, client->pod_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, client->host_mac, ETH_ALEN);
+	return bpf_redirect_peer(client->ifindex, 0);
+}
+
+/* Picks a backend for a new flow; returns 0 and fills `out`, or -1 when there is none. */
+static __always_inline int lb_pick(const struct ferrum_lb_service *svc, struct ferrum_lb_backend *out)
+{
+	struct ferrum_lb_backend_key bkey = {};
+	struct ferrum_lb_backend *b;
+
+	if (!svc->count)
+		return -1;
+	bkey.id = svc->id;
+	bkey.slot = bpf_get_prandom_u32() % svc->count + 1;
+	b = bpf_map_lookup_elem(&ferrum_lb_backends, &bkey);
+	if (!b)
+		return -1;
+	*out = *b;
+	return 0;
+}
+
+/* Pod -> Service: DNAT to a backend (the connection's, or a new pick), with the reverse entry
+ * for replies. Returns LB_CONTINUE to route the (possibly translated) packet on, or a verdict. */
+static __always_inline int lb_from_pod(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				       const struct ferrum_endpoint *src_ep, struct flow *f)
+{
+	struct ferrum_lb_key key = {};
+	struct ferrum_lb_service *svc;
+	struct ferrum_nat_key fwd = {}, rkey = {};
+	struct ferrum_lb_ct *ct, newct = {};
+	struct ferrum_lb_rev rev = {};
+	struct ferrum_lb_backend backend = {};
+	__u32 client_seen;
+	__u32 vip = f->daddr;
+	__u16 vport = f->dport;
+
+	if (!lb_proto(f))
+		return LB_CONTINUE;
+	if (lb_rev_nat(skb, cfg, f) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+
+	key.addr = f->daddr;
+	key.port = f->dport;
+	key.proto = f->proto;
+	key.scope = FERRUM_LB_SCOPE_INTERNAL;
+	svc = bpf_map_lookup_elem(&ferrum_lb_services, &key);
+	if (!svc)
+		return LB_CONTINUE;
+
+	fwd.addr_a = f->saddr;
+	fwd.addr_b = f->daddr;
+	fwd.port_a = f->sport;
+	fwd.port_b = f->dport;
+	fwd.proto = f->proto;
+	ct = bpf_map_lookup_elem(&ferrum_lb_ct, &fwd);
+	if (ct && ct->id == svc->id) {
+		backend.addr = ct->backend_addr;
+		backend.port = ct->backend_port;
+		newct = *ct;
+	} else {
+		if (lb_pick(svc, &backend) < 0)
+			return lb_reject(skb, cfg, src_ep, f);
+		newct.backend_addr = backend.addr;
+		newct.backend_port = backend.port;
+		newct.id = svc->id;
+		/* A pod reaching itself would see its own address as the source and drop it. */
+		if (backend.addr == f->saddr)
+			newct.snat_addr = bpf_htonl(FERRUM_HAIRPIN_ADDR_HOST);
+		bpf_map_update_elem(&ferrum_lb_ct, &fwd, &newct, BPF_ANY);
+	}
+
+	client_seen = newct.snat_addr ? newct.snat_addr : f->saddr;
+	rkey.addr_a = backend.addr;
+	rkey.addr_b = client_seen;
+	rkey.port_a = backend.port;
+	rkey.port_b = f->sport;
+	rkey.proto = f->proto;
+	if (!bpf_map_lookup_elem(&ferrum_lb_rev, &rkey)) {
+		rev.frontend_addr = vip;
+		rev.frontend_port = vport;
+		rev.client_addr = newct.snat_addr ? f->saddr : 0;
+		bpf_map_update_elem(&ferrum_lb_rev, &rkey, &rev, BPF_ANY);
+	}
+
+	if (rewrite(skb, f, 0, f->daddr, backend.addr, f->dport, backend.port) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	f->daddr = backend.addr;
+	f->dport = backend.port;
+	if (newct.snat_addr) {
+		if (rewrite(skb, f, 1, f->saddr, newct.snat_addr, f->sport, f->sport) < 0)
+			return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+		f->saddr = newct.snat_addr;
+	}
+	trace(skb, cfg, FERRUM_TRACE_LB_DNAT, f, 0, vip, vport);
+	return LB_CONTINUE;
+}
+
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
@@ -400,6 +645,12 @@ int from_pod(struct __sk_buff *skb)
 	if (!macs_equal(eth->h_source, src_ep->pod_mac))
 		return drop(skb, FERRUM_DROP_SPOOFED_MAC, &f);
 
+	/* Service translation first: everything after (routing, and policy where it hooks in)
+	 * sees the backend as the destination. */
+	rc = lb_from_pod(skb, cfg, src_ep, &f);
+	if (rc != LB_CONTINUE)
+		return rc;
+
 	dst_ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
 	if (dst_ep)
 		return to_endpoint(skb, cfg, dst_ep, &f);
@@ -432,6 +683,9 @@ int from_overlay(struct __sk_buff *skb)
 
 	if (parse_ipv4(skb, &f) < 0)
 		return TC_ACT_OK;
+	/* Replies from a backend on another node to a client balanced on this one. */
+	if (lb_rev_nat(skb, cfg, &f) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
 	if (ep)
 		return to_endpoint(skb, cfg, ep, &f);

@@ -135,6 +135,8 @@ enum ferrum_reason {
 	FERRUM_DROP_MALFORMED = 7,
 	FERRUM_DROP_ENCAP_FAILED = 8,
 	FERRUM_DROP_REWRITE_FAILED = 9,
+	/* Service load balancing (codes 20..29). */
+	FERRUM_DROP_NO_BACKEND = 20, /* answered with ICMP port unreachable */
 
 	FERRUM_TRACE_TO_ENDPOINT = 64,
 	FERRUM_TRACE_TO_OVERLAY = 65,
@@ -142,6 +144,66 @@ enum ferrum_reason {
 	FERRUM_TRACE_FROM_OVERLAY = 67,
 	FERRUM_TRACE_SNAT = 68,
 	FERRUM_TRACE_REV_SNAT = 69,
+	FERRUM_TRACE_LB_DNAT = 80,
+	FERRUM_TRACE_LB_REV_DNAT = 81,
 };
+
+/* Service load balancer. A frontend is (address, port, protocol, scope); its backends live in
+ * ferrum_lb_backends under (frontend id, slot 1..count). */
+#define FERRUM_LB_SCOPE_INTERNAL 0
+#define FERRUM_LB_SCOPE_EXTERNAL 1
+struct ferrum_lb_key {
+	__u32 addr;
+	__u16 port;
+	__u8 proto;
+	__u8 scope;
+};
+#define FERRUM_LB_KEY_SIZE 8
+struct ferrum_lb_service {
+	__u32 id;
+	__u16 count; /* backends in slots 1..count; 0 = reject new flows */
+	__u8 flags;
+	__u8 algorithm;
+	__u32 affinity_timeout; /* seconds; 0 = no session affinity */
+	__u32 pad;
+};
+#define FERRUM_LB_SERVICE_SIZE 16
+#define FERRUM_LB_FLAG_MASQUERADE (1U << 0)
+#define FERRUM_LB_FLAG_SOURCE_RANGES (1U << 1)
+#define FERRUM_LB_ALGO_RANDOM 0
+#define FERRUM_LB_ALGO_MAGLEV 1
+struct ferrum_lb_backend_key {
+	__u32 id;
+	__u32 slot;
+};
+#define FERRUM_LB_BACKEND_KEY_SIZE 8
+struct ferrum_lb_backend {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+#define FERRUM_LB_BACKEND_SIZE 8
+/* Connection tracking of balanced flows. Forward key (struct ferrum_nat_key): client addr,
+ * frontend addr, client port, frontend port, proto. Reverse key: backend addr, client addr
+ * as the backend sees it, backend port, client port, proto. */
+struct ferrum_lb_ct {
+	__u32 backend_addr;
+	__u16 backend_port;
+	__u16 pad;
+	__u32 id; /* frontend id */
+	__u32 snat_addr; /* client address replaced by this one (hairpin), 0 if none */
+};
+#define FERRUM_LB_CT_SIZE 16
+struct ferrum_lb_rev {
+	__u32 frontend_addr;
+	__u16 frontend_port;
+	__u16 pad;
+	__u32 client_addr; /* restore as destination when the client was SNAT'd, else 0 */
+	__u32 pad2;
+};
+#define FERRUM_LB_REV_SIZE 16
+/* The source a pod sees when it reaches itself through a Service (it would drop its own
+ * address as a source). */
+#define FERRUM_HAIRPIN_ADDR_HOST 0xa9fe2a01 /* 169.254.42.1, host order */
 
 #endif

@@ -88,6 +88,67 @@ pub(crate) struct RawEvent {
     pub icmp_type: u8,
 }
 
+/// `struct ferrum_lb_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct RawLbKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// `struct ferrum_lb_service`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawLbService {
+    pub id: u32,
+    pub count: u16,
+    pub flags: u8,
+    pub algorithm: u8,
+    pub affinity_timeout: u32,
+    pub pad: u32,
+}
+
+/// `struct ferrum_lb_backend_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct RawLbBackendKey {
+    pub id: u32,
+    pub slot: u32,
+}
+
+/// `struct ferrum_lb_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawLbBackend {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct ferrum_lb_ct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawLbCt {
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub pad: u16,
+    pub id: u32,
+    pub snat_addr: u32,
+}
+
+/// `struct ferrum_lb_rev`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawLbRev {
+    pub frontend_addr: u32,
+    pub frontend_port: u16,
+    pub pad: u16,
+    pub client_addr: u32,
+    pub pad2: u32,
+}
+
 // SAFETY: plain old data, no padding the kernel could leave uninitialised that we rely on.
 unsafe impl aya::Pod for RawConfig {}
 unsafe impl aya::Pod for RawEndpoint {}
@@ -95,6 +156,12 @@ unsafe impl aya::Pod for RawIpcacheValue {}
 unsafe impl aya::Pod for RawNatKey {}
 unsafe impl aya::Pod for RawNatValue {}
 unsafe impl aya::Pod for RawEvent {}
+unsafe impl aya::Pod for RawLbKey {}
+unsafe impl aya::Pod for RawLbService {}
+unsafe impl aya::Pod for RawLbBackendKey {}
+unsafe impl aya::Pod for RawLbBackend {}
+unsafe impl aya::Pod for RawLbCt {}
+unsafe impl aya::Pod for RawLbRev {}
 
 pub(crate) const CONFIG_SIZE: usize = 40;
 pub(crate) const ENDPOINT_SIZE: usize = 20;
@@ -114,6 +181,18 @@ const _: () = assert!(size_of::<RawIpcacheValue>() == IPCACHE_VALUE_SIZE);
 const _: () = assert!(size_of::<RawNatKey>() == NAT_KEY_SIZE);
 const _: () = assert!(size_of::<RawNatValue>() == NAT_VALUE_SIZE);
 const _: () = assert!(size_of::<RawEvent>() == EVENT_SIZE);
+pub(crate) const LB_KEY_SIZE: usize = 8;
+pub(crate) const LB_SERVICE_SIZE: usize = 16;
+pub(crate) const LB_BACKEND_KEY_SIZE: usize = 8;
+pub(crate) const LB_BACKEND_SIZE: usize = 8;
+pub(crate) const LB_CT_SIZE: usize = 16;
+pub(crate) const LB_REV_SIZE: usize = 16;
+const _: () = assert!(size_of::<RawLbKey>() == LB_KEY_SIZE);
+const _: () = assert!(size_of::<RawLbService>() == LB_SERVICE_SIZE);
+const _: () = assert!(size_of::<RawLbBackendKey>() == LB_BACKEND_KEY_SIZE);
+const _: () = assert!(size_of::<RawLbBackend>() == LB_BACKEND_SIZE);
+const _: () = assert!(size_of::<RawLbCt>() == LB_CT_SIZE);
+const _: () = assert!(size_of::<RawLbRev>() == LB_REV_SIZE);
 
 /// Converts an address to the network-order `u32` the programs compare against.
 pub(crate) fn addr_to_raw(addr: std::net::Ipv4Addr) -> u32 {

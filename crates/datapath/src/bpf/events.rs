@@ -22,18 +22,22 @@ pub enum Reason {
     Malformed,
     EncapFailed,
     RewriteFailed,
+    /// A Service had no usable backend; the client got an ICMP port unreachable.
+    NoBackend,
     ToEndpoint,
     ToOverlay,
     ToStack,
     FromOverlay,
     Snat,
     RevSnat,
+    LbDnat,
+    LbRevDnat,
     /// A code this build does not know (a newer program wrote it).
     Unknown(u8),
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 18] = [
         Reason::SpoofedIp,
         Reason::SpoofedMac,
         Reason::UnsupportedL3,
@@ -49,6 +53,9 @@ impl Reason {
         Reason::FromOverlay,
         Reason::Snat,
         Reason::RevSnat,
+        Reason::NoBackend,
+        Reason::LbDnat,
+        Reason::LbRevDnat,
     ];
 
     pub fn code(&self) -> u8 {
@@ -68,6 +75,9 @@ impl Reason {
             Reason::FromOverlay => 67,
             Reason::Snat => 68,
             Reason::RevSnat => 69,
+            Reason::NoBackend => 20,
+            Reason::LbDnat => 80,
+            Reason::LbRevDnat => 81,
             Reason::Unknown(code) => *code,
         }
     }
@@ -96,6 +106,9 @@ impl Reason {
             Reason::FromOverlay => "FROM_OVERLAY",
             Reason::Snat => "SNAT",
             Reason::RevSnat => "REV_SNAT",
+            Reason::NoBackend => "NO_BACKEND",
+            Reason::LbDnat => "LB_DNAT",
+            Reason::LbRevDnat => "LB_REV_DNAT",
             Reason::Unknown(_) => "UNKNOWN",
         }
     }

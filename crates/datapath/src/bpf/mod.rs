@@ -8,6 +8,7 @@
 
 mod abi;
 mod events;
+mod lb;
 pub mod packet;
 mod sys;
 
@@ -29,6 +30,7 @@ use abi::{
     RawIpcacheValue, RawNatKey, RawNatValue, addr_from_raw, addr_to_raw, port_from_raw,
 };
 pub use events::{Event, EventKind, EventReader, Reason};
+pub use lb::{LbBackend, LbConntrack, LbFrontendKey, LbService};
 
 /// tc verdicts returned by the programs (linux/pkt_cls.h).
 pub const TC_ACT_OK: i32 = 0;
@@ -47,15 +49,27 @@ const MAP_NAT_REV: &str = "ferrum_nat_rev";
 const MAP_EVENTS: &str = "ferrum_events";
 const MAP_EVENTS_LOST: &str = "ferrum_events_lost";
 const MAP_FLOW_AGG: &str = "ferrum_flow_agg";
+pub(crate) const MAP_LB_SERVICES: &str = "ferrum_lb_services";
+pub(crate) const MAP_LB_BACKENDS: &str = "ferrum_lb_backends";
+pub(crate) const MAP_LB_CT: &str = "ferrum_lb_ct";
+pub(crate) const MAP_LB_REV: &str = "ferrum_lb_rev";
 
 /// (map, key size, value size) of every pinned map, to refuse pins left by an incompatible build.
-const MAP_LAYOUTS: [(&str, usize, usize); 6] = [
+const MAP_LAYOUTS: [(&str, usize, usize); 10] = [
     (MAP_FLOW_AGG, 4, FLOW_SLOT_SIZE),
     (MAP_CONFIG, 4, CONFIG_SIZE),
     (MAP_ENDPOINTS, 4, ENDPOINT_SIZE),
     (MAP_IPCACHE, IPCACHE_KEY_SIZE, IPCACHE_VALUE_SIZE),
     (MAP_NAT, NAT_KEY_SIZE, NAT_VALUE_SIZE),
     (MAP_NAT_REV, NAT_KEY_SIZE, NAT_VALUE_SIZE),
+    (MAP_LB_SERVICES, abi::LB_KEY_SIZE, abi::LB_SERVICE_SIZE),
+    (
+        MAP_LB_BACKENDS,
+        abi::LB_BACKEND_KEY_SIZE,
+        abi::LB_BACKEND_SIZE,
+    ),
+    (MAP_LB_CT, NAT_KEY_SIZE, abi::LB_CT_SIZE),
+    (MAP_LB_REV, NAT_KEY_SIZE, abi::LB_REV_SIZE),
 ];
 
 /// aya parses ELF in place and wants it 8-byte aligned; include_bytes! only guarantees 1.

@@ -1,0 +1,271 @@
+//! The service load balancer's maps: frontends, backends by (frontend id, slot), and the
+//! connection tracking of balanced flows.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{HashMap, MapError};
+
+use super::abi::{
+    RawLbBackend, RawLbBackendKey, RawLbCt, RawLbKey, RawLbRev, RawLbService, RawNatKey,
+    addr_from_raw, addr_to_raw, port_from_raw,
+};
+use super::{
+    Datapath, DatapathError, MAP_LB_BACKENDS, MAP_LB_CT, MAP_LB_REV, MAP_LB_SERVICES,
+    ignore_missing, map_op_err,
+};
+
+const FLAG_MASQUERADE: u8 = 1;
+const FLAG_SOURCE_RANGES: u8 = 2;
+const ALGO_MAGLEV: u8 = 1;
+
+/// A frontend: (address, port, IP protocol number, scope code: 0 internal, 1 external).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LbFrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// What the programs know about a frontend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbService {
+    pub id: u32,
+    /// Backends are in slots 1..=count of this id; 0 rejects new flows.
+    pub count: u16,
+    pub masquerade: bool,
+    pub source_ranges: bool,
+    pub maglev: bool,
+    /// Session affinity timeout in seconds, 0 for none.
+    pub affinity_timeout: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LbBackend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// One tracked balanced flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbConntrack {
+    pub proto: u8,
+    pub client: SocketAddrV4,
+    pub frontend: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    pub id: u32,
+    /// The client's address as the backend sees it, when it was replaced (hairpin).
+    pub snat: Option<Ipv4Addr>,
+}
+
+fn key_to_raw(k: &LbFrontendKey) -> RawLbKey {
+    RawLbKey {
+        addr: addr_to_raw(k.addr),
+        port: k.port.to_be(),
+        proto: k.proto,
+        scope: k.scope,
+    }
+}
+
+impl Datapath {
+    pub fn lb_services(&self) -> Result<BTreeMap<LbFrontendKey, LbService>, DatapathError> {
+        let map: HashMap<_, RawLbKey, RawLbService> = HashMap::try_from(self.map(MAP_LB_SERVICES)?)
+            .map_err(map_op_err(MAP_LB_SERVICES, "open"))?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(map_op_err(MAP_LB_SERVICES, "iterate"))?;
+            out.insert(
+                LbFrontendKey {
+                    addr: addr_from_raw(k.addr),
+                    port: port_from_raw(k.port),
+                    proto: k.proto,
+                    scope: k.scope,
+                },
+                LbService {
+                    id: v.id,
+                    count: v.count,
+                    masquerade: v.flags & FLAG_MASQUERADE != 0,
+                    source_ranges: v.flags & FLAG_SOURCE_RANGES != 0,
+                    maglev: v.algorithm == ALGO_MAGLEV,
+                    affinity_timeout: v.affinity_timeout,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn upsert_lb_service(
+        &mut self,
+        key: &LbFrontendKey,
+        svc: &LbService,
+    ) -> Result<(), DatapathError> {
+        let raw = RawLbService {
+            id: svc.id,
+            count: svc.count,
+            flags: if svc.masquerade { FLAG_MASQUERADE } else { 0 }
+                | if svc.source_ranges {
+                    FLAG_SOURCE_RANGES
+                } else {
+                    0
+                },
+            algorithm: if svc.maglev { ALGO_MAGLEV } else { 0 },
+            affinity_timeout: svc.affinity_timeout,
+            pad: 0,
+        };
+        let mut map: HashMap<_, RawLbKey, RawLbService> =
+            HashMap::try_from(self.map_mut(MAP_LB_SERVICES)?)
+                .map_err(map_op_err(MAP_LB_SERVICES, "open"))?;
+        map.insert(key_to_raw(key), raw, 0).map_err(map_op_err(
+            MAP_LB_SERVICES,
+            format!("insert {}:{} proto {}", key.addr, key.port, key.proto),
+        ))
+    }
+
+    /// Ok if absent.
+    pub fn remove_lb_service(&mut self, key: &LbFrontendKey) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, RawLbKey, RawLbService> =
+            HashMap::try_from(self.map_mut(MAP_LB_SERVICES)?)
+                .map_err(map_op_err(MAP_LB_SERVICES, "open"))?;
+        ignore_missing(map.remove(&key_to_raw(key))).map_err(map_op_err(
+            MAP_LB_SERVICES,
+            format!("remove {}:{} proto {}", key.addr, key.port, key.proto),
+        ))
+    }
+
+    /// Every backend slot: (frontend id, slot) -> backend.
+    pub fn lb_backends(&self) -> Result<BTreeMap<(u32, u32), LbBackend>, DatapathError> {
+        let map: HashMap<_, RawLbBackendKey, RawLbBackend> =
+            HashMap::try_from(self.map(MAP_LB_BACKENDS)?)
+                .map_err(map_op_err(MAP_LB_BACKENDS, "open"))?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(map_op_err(MAP_LB_BACKENDS, "iterate"))?;
+            out.insert(
+                (k.id, k.slot),
+                LbBackend {
+                    addr: addr_from_raw(v.addr),
+                    port: port_from_raw(v.port),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn upsert_lb_backend(
+        &mut self,
+        id: u32,
+        slot: u32,
+        b: &LbBackend,
+    ) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, RawLbBackendKey, RawLbBackend> =
+            HashMap::try_from(self.map_mut(MAP_LB_BACKENDS)?)
+                .map_err(map_op_err(MAP_LB_BACKENDS, "open"))?;
+        let raw = RawLbBackend {
+            addr: addr_to_raw(b.addr),
+            port: b.port.to_be(),
+            pad: 0,
+        };
+        map.insert(RawLbBackendKey { id, slot }, raw, 0)
+            .map_err(map_op_err(
+                MAP_LB_BACKENDS,
+                format!("insert frontend {id} slot {slot}"),
+            ))
+    }
+
+    /// Ok if absent.
+    pub fn remove_lb_backend(&mut self, id: u32, slot: u32) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, RawLbBackendKey, RawLbBackend> =
+            HashMap::try_from(self.map_mut(MAP_LB_BACKENDS)?)
+                .map_err(map_op_err(MAP_LB_BACKENDS, "open"))?;
+        ignore_missing(map.remove(&RawLbBackendKey { id, slot })).map_err(map_op_err(
+            MAP_LB_BACKENDS,
+            format!("remove frontend {id} slot {slot}"),
+        ))
+    }
+
+    /// Tracked balanced flows (inspection, tests, and purging flows of removed backends).
+    pub fn lb_conntrack(&self) -> Result<Vec<LbConntrack>, DatapathError> {
+        let map: HashMap<_, RawNatKey, RawLbCt> =
+            HashMap::try_from(self.map(MAP_LB_CT)?).map_err(map_op_err(MAP_LB_CT, "open"))?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(map_op_err(MAP_LB_CT, "iterate"))?;
+            out.push(LbConntrack {
+                proto: k.proto,
+                client: SocketAddrV4::new(addr_from_raw(k.addr_a), port_from_raw(k.port_a)),
+                frontend: SocketAddrV4::new(addr_from_raw(k.addr_b), port_from_raw(k.port_b)),
+                backend: SocketAddrV4::new(
+                    addr_from_raw(v.backend_addr),
+                    port_from_raw(v.backend_port),
+                ),
+                id: v.id,
+                snat: (v.snat_addr != 0).then(|| addr_from_raw(v.snat_addr)),
+            });
+        }
+        out.sort_by_key(|c| (c.proto, c.client, c.frontend));
+        Ok(out)
+    }
+
+    /// Forgets a tracked flow and its reverse entry (its backend went away: the next packet
+    /// picks a live one, or is rejected). Ok if absent.
+    pub fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> Result<(), DatapathError> {
+        let fwd = RawNatKey {
+            addr_a: addr_to_raw(*ct.client.ip()),
+            addr_b: addr_to_raw(*ct.frontend.ip()),
+            port_a: ct.client.port().to_be(),
+            port_b: ct.frontend.port().to_be(),
+            proto: ct.proto,
+            pad: [0; 3],
+        };
+        let rev = RawNatKey {
+            addr_a: addr_to_raw(*ct.backend.ip()),
+            addr_b: addr_to_raw(ct.snat.unwrap_or(*ct.client.ip())),
+            port_a: ct.backend.port().to_be(),
+            port_b: ct.client.port().to_be(),
+            proto: ct.proto,
+            pad: [0; 3],
+        };
+        {
+            let mut map: HashMap<_, RawNatKey, RawLbCt> =
+                HashMap::try_from(self.map_mut(MAP_LB_CT)?)
+                    .map_err(map_op_err(MAP_LB_CT, "open"))?;
+            ignore_missing(map.remove(&fwd))
+                .map_err(map_op_err(MAP_LB_CT, format!("remove {}", ct.client)))?;
+        }
+        let mut map: HashMap<_, RawNatKey, RawLbRev> =
+            HashMap::try_from(self.map_mut(MAP_LB_REV)?).map_err(map_op_err(MAP_LB_REV, "open"))?;
+        ignore_missing(map.remove(&rev))
+            .map_err(map_op_err(MAP_LB_REV, format!("remove {}", ct.backend)))
+    }
+
+    /// Whether a reverse entry exists for (backend, client as seen, proto) (tests).
+    pub fn lb_reverse(
+        &self,
+        proto: u8,
+        backend: SocketAddrV4,
+        client_seen: SocketAddrV4,
+    ) -> Result<Option<(SocketAddrV4, Option<Ipv4Addr>)>, DatapathError> {
+        let map: HashMap<_, RawNatKey, RawLbRev> =
+            HashMap::try_from(self.map(MAP_LB_REV)?).map_err(map_op_err(MAP_LB_REV, "open"))?;
+        let key = RawNatKey {
+            addr_a: addr_to_raw(*backend.ip()),
+            addr_b: addr_to_raw(*client_seen.ip()),
+            port_a: backend.port().to_be(),
+            port_b: client_seen.port().to_be(),
+            proto,
+            pad: [0; 3],
+        };
+        match map.get(&key, 0) {
+            Ok(v) => Ok(Some((
+                SocketAddrV4::new(
+                    addr_from_raw(v.frontend_addr),
+                    port_from_raw(v.frontend_port),
+                ),
+                (v.client_addr != 0).then(|| addr_from_raw(v.client_addr)),
+            ))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_op_err(MAP_LB_REV, "look up")(e)),
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! BPF_PROG_TEST_RUN tests of the service load balancer: lookup per protocol and scope, DNAT to
+//! local and remote backends, reverse translation of replies (same node and across the
+//! overlay), connection stickiness, the no-backend reject and hairpin SNAT. Root only.
+
+mod bpf_support;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use anyhow::Result;
+use bpf_support::{Netns, PinDir, ifindex};
+use ferrum_datapath::bpf::packet::{self, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use ferrum_datapath::bpf::{
+    Datapath, EndpointInfo, EventKind, EventReader, IpcacheEntry, LbBackend, LbFrontendKey,
+    LbService, NodeConfig, PeerKind, Program, Reason, TC_ACT_OK, TC_ACT_REDIRECT,
+};
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 10);
+const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 11);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 6);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 7);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+const MAC_A: Mac = [0x02, 0xaa, 0, 0, 0, 0x05];
+const HOST_MAC_A: Mac = [0x02, 0xee, 0, 0, 0, 0x05];
+const MAC_B: Mac = [0x02, 0xaa, 0, 0, 0, 0x06];
+const HOST_MAC_B: Mac = [0x02, 0xee, 0, 0, 0, 0x06];
+
+struct Fixture {
+    dp: Datapath,
+    events: EventReader,
+    veth_a: u32,
+    veth_b: u32,
+    _pins: PinDir,
+    _ns: Netns,
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+/// Node netns with two local pods (A behind veth-a, B behind veth-b; veth-b also plays the
+/// overlay device) and a remote pod block.
+fn fixture() -> Result<Fixture> {
+    let ns = Netns::new("fe-bpflb")?;
+    ns.ip(&[
+        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ])?;
+    ns.ip(&["link", "set", "veth-a", "up"])?;
+    ns.ip(&["link", "set", "veth-b", "up"])?;
+    ns.enter()?;
+    let pins = PinDir::new();
+    let mut dp = Datapath::open(&pins.path)?;
+    let (veth_a, veth_b) = (ifindex("veth-a")?, ifindex("veth-b")?);
+    dp.set_config(&NodeConfig {
+        node_ip: NODE_IP,
+        cluster_cidr: "10.1.0.0/16".parse()?,
+        local_block: "10.1.0.0/24".parse()?,
+        overlay_ifindex: veth_b,
+        uplink_ifindex: veth_b,
+        vni: 42,
+        nat_ports: 61000..=65535,
+        trace: true,
+    })?;
+    for (ip, ifindex, pod_mac, host_mac) in [
+        (POD_A, veth_a, MAC_A, HOST_MAC_A),
+        (POD_B, veth_b, MAC_B, HOST_MAC_B),
+    ] {
+        dp.upsert_endpoint(
+            ip,
+            &EndpointInfo {
+                ifindex,
+                pod_mac,
+                host_mac,
+            },
+        )?;
+    }
+    dp.upsert_ipcache(
+        "10.1.1.0/24".parse()?,
+        &IpcacheEntry {
+            tunnel_endpoint: Some(REMOTE_NODE),
+            kind: PeerKind::RemotePodBlock,
+        },
+    )?;
+    let events = dp.take_events()?;
+    Ok(Fixture {
+        dp,
+        events,
+        veth_a,
+        veth_b,
+        _pins: pins,
+        _ns: ns,
+    })
+}
+
+fn internal(port: u16, proto: u8) -> LbFrontendKey {
+    LbFrontendKey {
+        addr: VIP,
+        port,
+        proto,
+        scope: 0,
+    }
+}
+
+impl Fixture {
+    /// Installs a frontend with `backends` in slots 1..n.
+    fn service(&mut self, key: LbFrontendKey, id: u32, backends: &[SocketAddrV4]) -> Result<()> {
+        for (i, b) in backends.iter().enumerate() {
+            self.dp.upsert_lb_backend(
+                id,
+                i as u32 + 1,
+                &LbBackend {
+                    addr: *b.ip(),
+                    port: b.port(),
+                },
+            )?;
+        }
+        self.dp.upsert_lb_service(
+            &key,
+            &LbService {
+                id,
+                count: backends.len() as u16,
+                ..LbService::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn reasons(&mut self) -> Vec<(EventKind, Reason)> {
+        self.events
+            .poll(Duration::from_millis(200))
+            .expect("poll events")
+            .into_iter()
+            .map(|e| (e.kind, e.reason))
+            .collect()
+    }
+}
+
+#[test]
+fn tcp_to_cluster_ip_is_dnated_to_a_local_backend_and_the_reply_is_translated_back() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(80, PROTO_TCP), 1, &[sa(POD_B, 8080)])?;
+    let syn = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 80), b"hi");
+    let out = f.dp.test_run(Program::FromPod, &syn, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (POD_A, 40000, POD_B, 8080)
+    );
+    assert_eq!(
+        (p.eth_dst, p.eth_src),
+        (MAC_B, HOST_MAC_B),
+        "delivered to B"
+    );
+    packet::verify_checksums(&out.frame)?;
+    let ct = f.dp.lb_conntrack()?;
+    assert_eq!(ct.len(), 1);
+    assert_eq!(
+        (ct[0].client, ct[0].frontend, ct[0].backend, ct[0].snat),
+        (sa(POD_A, 40000), sa(VIP, 80), sa(POD_B, 8080), None)
+    );
+    let reasons = f.reasons();
+    assert!(
+        reasons.contains(&(EventKind::Trace, Reason::LbDnat)),
+        "{reasons:?}"
+    );
+
+    let reply = packet::tcp_frame(MAC_B, HOST_MAC_B, sa(POD_B, 8080), sa(POD_A, 40000), b"ok");
+    let out = f.dp.test_run(Program::FromPod, &reply, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, POD_A, 40000));
+    assert_eq!(p.eth_dst, MAC_A);
+    packet::verify_checksums(&out.frame)?;
+    assert!(f.reasons().contains(&(EventKind::Trace, Reason::LbRevDnat)));
+    Ok(())
+}
+
+#[test]
+fn remote_backend_goes_through_the_overlay_and_its_reply_is_translated_on_arrival() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(53, PROTO_UDP), 4, &[sa(REMOTE_POD, 5353)])?;
+    let q = packet::udp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 33000), sa(VIP, 53), b"q", true);
+    let out = f.dp.test_run(Program::FromPod, &q, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "to the overlay device");
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.dst, p.dport), (REMOTE_POD, 5353));
+    packet::verify_checksums(&out.frame)?;
+    assert!(f.reasons().contains(&(EventKind::Trace, Reason::ToOverlay)));
+
+    // The reply arrives decapsulated on the overlay device.
+    let reply = packet::udp_frame(
+        [0x02, 0xbb, 0, 0, 0, 1],
+        [0x02, 0xbb, 0, 0, 0, 2],
+        sa(REMOTE_POD, 5353),
+        sa(POD_A, 33000),
+        b"answer",
+        true,
+    );
+    let out = f.dp.test_run(Program::FromOverlay, &reply, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 53, POD_A, 33000));
+    assert_eq!(p.eth_dst, MAC_A);
+    packet::verify_checksums(&out.frame)?;
+    Ok(())
+}
+
+#[test]
+fn udp_without_checksum_keeps_none_after_translation() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(53, PROTO_UDP), 4, &[sa(POD_B, 5353)])?;
+    let q = packet::udp_frame(
+        MAC_A,
+        HOST_MAC_A,
+        sa(POD_A, 33000),
+        sa(VIP, 53),
+        b"q",
+        false,
+    );
+    let out = f.dp.test_run(Program::FromPod, &q, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let udp_csum = &out.frame[14 + 20 + 6..14 + 20 + 8];
+    assert_eq!(udp_csum, [0, 0], "no checksum stays no checksum");
+    packet::verify_checksums(&out.frame)?;
+    Ok(())
+}
+
+#[test]
+fn a_flow_sticks_to_its_backend_and_new_flows_spread_randomly() -> Result<()> {
+    let mut f = fixture()?;
+    let backends = [sa(POD_B, 8080), sa(REMOTE_POD, 8080)];
+    f.service(internal(80, PROTO_TCP), 2, &backends)?;
+    let run = |f: &mut Fixture, sport: u16| -> Result<SocketAddrV4> {
+        let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
+        let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+        let p = packet::parse(&out.frame)?;
+        Ok(sa(p.dst, p.dport))
+    };
+    let first = run(&mut f, 40000)?;
+    for _ in 0..20 {
+        assert_eq!(run(&mut f, 40000)?, first, "same connection, same backend");
+    }
+    let seen: BTreeSet<SocketAddrV4> = (0..64)
+        .map(|i| run(&mut f, 41000 + i))
+        .collect::<Result<_>>()?;
+    assert_eq!(
+        seen,
+        backends.into_iter().collect(),
+        "64 new flows reach both backends"
+    );
+    Ok(())
+}
+
+#[test]
+fn purged_conntrack_sends_the_flow_to_a_remaining_backend() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(80, PROTO_TCP), 2, &[sa(REMOTE_POD, 8080)])?;
+    let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 80), b"");
+    f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+    // The backend goes; the agent rewrites the slot and purges the flows that used it.
+    f.service(internal(80, PROTO_TCP), 2, &[sa(POD_B, 8080)])?;
+    for ct in f.dp.lb_conntrack()? {
+        f.dp.remove_lb_conntrack(&ct)?;
+    }
+    assert!(
+        f.dp.lb_reverse(PROTO_TCP, sa(REMOTE_POD, 8080), sa(POD_A, 40000))?
+            .is_none()
+    );
+    let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.dst, p.dport), (POD_B, 8080));
+    Ok(())
+}
+
+#[test]
+fn the_protocol_is_part_of_the_key() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(53, PROTO_TCP), 1, &[sa(POD_B, 1053)])?;
+    f.service(internal(53, PROTO_UDP), 2, &[sa(REMOTE_POD, 2053)])?;
+    let tcp = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 53), b"");
+    let udp = packet::udp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 53), b"", true);
+    let p = packet::parse(&f.dp.test_run(Program::FromPod, &tcp, f.veth_a, 1)?.frame)?;
+    assert_eq!((p.dst, p.dport), (POD_B, 1053));
+    let p = packet::parse(&f.dp.test_run(Program::FromPod, &udp, f.veth_a, 1)?.frame)?;
+    assert_eq!((p.dst, p.dport), (REMOTE_POD, 2053));
+    Ok(())
+}
+
+#[test]
+fn external_scope_frontends_are_not_used_for_pod_traffic() -> Result<()> {
+    let mut f = fixture()?;
+    let key = LbFrontendKey {
+        scope: 1,
+        ..internal(80, PROTO_TCP)
+    };
+    f.service(key, 1, &[sa(POD_B, 8080)])?;
+    let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 80), b"");
+    let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+    assert_eq!(
+        out.retval, TC_ACT_OK,
+        "not a Service for pods: to the stack"
+    );
+    assert_eq!(out.frame, frame);
+    Ok(())
+}
+
+#[test]
+fn no_backend_answers_with_icmp_port_unreachable_from_the_service() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(80, PROTO_TCP), 1, &[])?;
+    f.service(internal(53, PROTO_UDP), 2, &[])?;
+    let frames = [
+        packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 80), b""),
+        packet::udp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 53), b"x", true),
+    ];
+    for frame in frames {
+        let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+        assert_eq!(out.retval, TC_ACT_REDIRECT, "sent back into the client pod");
+        let p = packet::parse(&out.frame)?;
+        assert_eq!((p.src, p.dst, p.proto), (VIP, POD_A, PROTO_ICMP));
+        assert_eq!((p.eth_dst, p.eth_src), (MAC_A, HOST_MAC_A));
+        packet::verify_checksums(&out.frame)?;
+        let icmp = &out.frame[14 + 20..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "destination port unreachable");
+        assert_eq!(
+            &icmp[8..8 + 28],
+            &frame[14..14 + 28],
+            "quotes the original IP header and 8 bytes of its payload"
+        );
+        assert_eq!(out.frame.len(), 14 + 20 + 8 + 28);
+        let reasons = f.reasons();
+        assert!(
+            reasons.contains(&(EventKind::Drop, Reason::NoBackend)),
+            "{reasons:?}"
+        );
+    }
+    assert!(
+        f.dp.lb_conntrack()?.is_empty(),
+        "nothing tracked for a reject"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_hairpin_snatted() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(80, PROTO_TCP), 1, &[sa(POD_A, 8080)])?;
+    let syn = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 80), b"me");
+    let out = f.dp.test_run(Program::FromPod, &syn, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (HAIRPIN, 40000, POD_A, 8080),
+        "the pod must not see its own address as the source"
+    );
+    assert_eq!(p.eth_dst, MAC_A);
+    packet::verify_checksums(&out.frame)?;
+    assert_eq!(f.dp.lb_conntrack()?[0].snat, Some(HAIRPIN));
+
+    let reply = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 8080), sa(HAIRPIN, 40000), b"");
+    let out = f.dp.test_run(Program::FromPod, &reply, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, POD_A, 40000));
+    packet::verify_checksums(&out.frame)?;
+    Ok(())
+}
