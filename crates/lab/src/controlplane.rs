@@ -83,6 +83,16 @@ struct State {
     store: Store,
     subscribers: Vec<Sender<WatchEvent>>,
     reports: BTreeMap<String, AgentReport>,
+    /// Where clusterIPs come from (None: Services keep whatever they were given).
+    service_net: Option<ServiceNet>,
+}
+
+/// The service CIDR and the addresses in it that are never handed out automatically (the DNS
+/// Service's, which a Service may still ask for by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceNet {
+    pub cidr: ipnet::Ipv4Net,
+    pub reserved: Vec<std::net::Ipv4Addr>,
 }
 
 struct Inner {
@@ -107,6 +117,7 @@ impl ControlPlane {
                     store,
                     subscribers: Vec::new(),
                     reports: BTreeMap::new(),
+                    service_net: None,
                 }),
                 changed: Condvar::new(),
             }),
@@ -151,6 +162,11 @@ impl ControlPlane {
         self.lock().store.revision()
     }
 
+    /// Makes the control plane allocate clusterIPs from `net` (the lab's --service-cidr).
+    pub fn set_service_network(&self, net: ServiceNet) {
+        self.lock().service_net = Some(net);
+    }
+
     /// Creates or replaces every object, all or nothing.
     pub fn apply(&self, mut objects: Vec<Object>) -> Result<ApplyOutcome, CpError> {
         for object in &mut objects {
@@ -189,6 +205,12 @@ impl ControlPlane {
             }
             let existing = work.get(&key);
             let candidate = prepare(object, existing, &work, &batch_nodes, &now)?;
+            let candidate = crate::services::assign_addresses(
+                candidate,
+                existing,
+                &work,
+                state.service_net.as_ref(),
+            )?;
             let action = match existing {
                 Some(old) if *old == candidate => {
                     results.push((key, ApplyAction::Unchanged));
@@ -366,6 +388,9 @@ impl ControlPlane {
         revision: u64,
         events: Vec<WatchEvent>,
     ) -> Result<(), CpError> {
+        let (mut work, mut events) = (work, events);
+        // The endpointslice controller's share of this change, in the same revision.
+        crate::services::reconcile_slices(&mut work, &mut events, revision)?;
         state.store.commit(work, revision)?;
         // Sent under the lock, so every subscriber sees changes in revision order.
         state.subscribers.retain(|tx| {
@@ -565,7 +590,7 @@ pub fn now() -> Time {
 }
 
 /// A random (version 4) UUID.
-fn new_uid() -> Result<String, CpError> {
+pub(crate) fn new_uid() -> Result<String, CpError> {
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))

@@ -169,6 +169,10 @@ pub fn run(paths: &LabPaths) -> Result<(), DaemonError> {
     .map_err(io("write the daemon pid file".into()))?;
 
     let cp = ControlPlane::open(&paths.state_dir).map_err(|e| cp_err(&e))?;
+    cp.set_service_network(crate::controlplane::ServiceNet {
+        cidr: profile.service_cidr,
+        reserved: vec![profile.dns_service_ip],
+    });
     let existing: Vec<String> = cp
         .list(Kind::Node, None)
         .iter()
