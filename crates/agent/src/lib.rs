@@ -14,6 +14,7 @@ pub mod observe;
 pub mod restore;
 pub mod server;
 pub mod tools;
+pub mod services;
 pub mod watch;
 
 use std::sync::{Arc, Mutex};

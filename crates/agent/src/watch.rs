@@ -140,13 +140,48 @@ pub fn realize<D: Dataplane>(
     Ok(())
 }
 
+/// Compiles the Services for this node and reconciles the load-balancer maps, when anything
+/// they depend on changed.
+pub fn realize_services<D: crate::services::LbDataplane>(
+    dataplane: &mut D,
+    id: &NodeIdentity,
+    nodes: &BTreeMap<String, NodeInfo>,
+    services: &mut crate::services::ServiceTable,
+    lb: &mut crate::services::LbReconciler,
+) -> anyhow::Result<()> {
+    if !services.dirty {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let node_ips = nodes.values().filter_map(|n| n.internal_ip).collect();
+    let compiled = services.compile(&id.name, id.ip, node_ips, ferrum_lb::Algorithm::Random);
+    for w in &compiled.warnings {
+        tracing::warn!("services: {w}");
+    }
+    let stats = lb.reconcile(dataplane, &compiled)?;
+    services.dirty = false;
+    if stats != crate::services::LbStats::default() {
+        tracing::info!(
+            frontends = compiled.frontends.len(),
+            writes = stats.writes,
+            removes = stats.removes,
+            purged_flows = stats.purged_flows,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "load balancer reconciled"
+        );
+    }
+    Ok(())
+}
+
 /// Runs until the process ends: consume events, realize at each Synced, report.
-pub fn watch_loop<D: Dataplane>(
+pub fn watch_loop<D: Dataplane + crate::services::LbDataplane>(
     mut source: Box<dyn Source>,
     state: SharedState<D>,
     id: NodeIdentity,
 ) {
     let mut table = NodeTable::default();
+    let mut services = crate::services::ServiceTable::default();
+    let mut lb = crate::services::LbReconciler::default();
     let mut backoff = Duration::from_millis(200);
     loop {
         let event = match source.next_event() {
@@ -162,12 +197,22 @@ pub fn watch_loop<D: Dataplane>(
                 continue;
             }
         };
+        services.apply(&event);
         let Some(revision) = table.apply(event) else {
             continue;
         };
         let report = {
             let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
-            match realize(&mut guard, &id, table.nodes()) {
+            let realized = realize(&mut guard, &id, table.nodes()).and_then(|()| {
+                realize_services(
+                    &mut guard.dataplane,
+                    &id,
+                    table.nodes(),
+                    &mut services,
+                    &mut lb,
+                )
+            });
+            match realized {
                 Ok(()) => AgentReport {
                     node: id.name.clone(),
                     ready: guard.ready(),

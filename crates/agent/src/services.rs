@@ -1,0 +1,461 @@
+//! Services: keeps the Services and EndpointSlices from the watch stream, compiles them with
+//! `ferrum_lb` for this node, and reconciles the load-balancer maps by diff (backends before
+//! the frontends that count them, removals last), purging tracked flows whose backend left.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ferrum_datapath::bpf::{LbBackend, LbConntrack, LbFrontendKey, LbService};
+use ferrum_lb::alloc::IdAllocator;
+use ferrum_lb::{Algorithm, Cluster, Compiled, FrontendKey, Protocol, Scope};
+use ferrum_model::{Object, WatchEvent};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+type Name = (String, String);
+
+fn name_of(o: &Object) -> Name {
+    (
+        o.namespace().unwrap_or("default").to_string(),
+        o.name().to_string(),
+    )
+}
+
+#[derive(Debug, Default, Clone)]
+struct Objects {
+    services: BTreeMap<Name, Service>,
+    slices: BTreeMap<Name, EndpointSlice>,
+}
+
+/// Services and EndpointSlices as last listed (same relist rules as the node table).
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    current: Objects,
+    relisting: Option<Objects>,
+    /// Something the compiled state depends on changed since the last realization.
+    pub dirty: bool,
+}
+
+impl ServiceTable {
+    pub fn apply(&mut self, event: &WatchEvent) {
+        match event {
+            WatchEvent::Relist => {
+                self.relisting = Some(Objects::default());
+                return;
+            }
+            WatchEvent::Synced { .. } => {
+                if let Some(listed) = self.relisting.take() {
+                    self.current = listed;
+                    self.dirty = true;
+                }
+                return;
+            }
+            _ => {}
+        }
+        let target = self.relisting.as_mut().unwrap_or(&mut self.current);
+        let changed = match event {
+            WatchEvent::Upsert { object } => match object {
+                Object::Service(s) => {
+                    target.services.insert(name_of(object), s.clone());
+                    true
+                }
+                Object::EndpointSlice(s) => {
+                    target.slices.insert(name_of(object), s.clone());
+                    true
+                }
+                Object::Node(_) => true,
+                _ => false,
+            },
+            WatchEvent::Delete { object } => match object {
+                Object::Service(_) => target.services.remove(&name_of(object)).is_some(),
+                Object::EndpointSlice(_) => target.slices.remove(&name_of(object)).is_some(),
+                Object::Node(_) => true,
+                _ => false,
+            },
+            _ => false,
+        };
+        self.dirty |= changed;
+    }
+
+    pub fn compile(
+        &self,
+        node_name: &str,
+        node_ip: Ipv4Addr,
+        node_ips: Vec<Ipv4Addr>,
+        algorithm: Algorithm,
+    ) -> Compiled {
+        ferrum_lb::compile(&Cluster {
+            services: self.current.services.values().collect(),
+            slices: self.current.slices.values().collect(),
+            node_name: node_name.to_string(),
+            node_ip: Some(node_ip),
+            node_ips,
+            default_algorithm: algorithm,
+        })
+    }
+}
+
+/// The load-balancer maps' contents.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LbState {
+    pub services: BTreeMap<LbFrontendKey, LbService>,
+    pub backends: BTreeMap<(u32, u32), LbBackend>,
+}
+
+/// The kernel side of the load balancer.
+pub trait LbDataplane {
+    fn lb_state(&mut self) -> anyhow::Result<LbState>;
+    fn upsert_lb_service(&mut self, key: &LbFrontendKey, svc: &LbService) -> anyhow::Result<()>;
+    fn remove_lb_service(&mut self, key: &LbFrontendKey) -> anyhow::Result<()>;
+    fn upsert_lb_backend(&mut self, id: u32, slot: u32, b: &LbBackend) -> anyhow::Result<()>;
+    fn remove_lb_backend(&mut self, id: u32, slot: u32) -> anyhow::Result<()>;
+    fn lb_conntrack(&mut self) -> anyhow::Result<Vec<LbConntrack>>;
+    fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> anyhow::Result<()>;
+}
+
+pub fn raw_key(k: &FrontendKey) -> LbFrontendKey {
+    LbFrontendKey {
+        addr: k.addr,
+        port: k.port,
+        proto: k.proto.number(),
+        scope: k.scope.code(),
+    }
+}
+
+pub fn key_from_raw(k: &LbFrontendKey) -> Option<FrontendKey> {
+    Some(FrontendKey {
+        addr: k.addr,
+        port: k.port,
+        proto: Protocol::from_number(k.proto)?,
+        scope: Scope::from_code(k.scope)?,
+    })
+}
+
+/// The map contents for `compiled`, with ids from `alloc`.
+pub fn desired_state(compiled: &Compiled, alloc: &mut IdAllocator) -> LbState {
+    let ids = alloc.assign(compiled.frontends.keys());
+    let mut state = LbState::default();
+    for (key, fe) in &compiled.frontends {
+        let id = ids[key];
+        // The datapath counts slots in 16 bits; a Service with more backends uses the first.
+        let backends = &fe.backends[..fe.backends.len().min(usize::from(u16::MAX))];
+        state.services.insert(
+            raw_key(key),
+            LbService {
+                id,
+                count: backends.len() as u16,
+                masquerade: fe.masquerade,
+                source_ranges: !fe.source_ranges.is_empty(),
+                maglev: fe.algorithm == Algorithm::Maglev,
+                affinity_timeout: fe.affinity_timeout.unwrap_or(0),
+            },
+        );
+        for (i, b) in backends.iter().enumerate() {
+            state.backends.insert(
+                (id, i as u32 + 1),
+                LbBackend {
+                    addr: b.addr,
+                    port: b.port,
+                },
+            );
+        }
+    }
+    state
+}
+
+/// What one reconciliation changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LbStats {
+    pub writes: usize,
+    pub removes: usize,
+    pub purged_flows: usize,
+}
+
+/// Keeps the allocator and the last state written, so a reconciliation reads the kernel only
+/// after a restart or a failure.
+#[derive(Debug, Default)]
+pub struct LbReconciler {
+    alloc: Option<IdAllocator>,
+    applied: Option<LbState>,
+}
+
+impl LbReconciler {
+    pub fn reconcile<D: LbDataplane>(
+        &mut self,
+        dp: &mut D,
+        compiled: &Compiled,
+    ) -> anyhow::Result<LbStats> {
+        let actual = match self.applied.take() {
+            Some(s) => s,
+            None => dp.lb_state()?,
+        };
+        let alloc = self.alloc.get_or_insert_with(|| {
+            IdAllocator::seeded(
+                actual
+                    .services
+                    .iter()
+                    .filter_map(|(k, v)| Some((key_from_raw(k)?, v.id))),
+            )
+        });
+        let desired = desired_state(compiled, alloc);
+        let stats = match apply_diff(dp, &actual, &desired) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // Unknown kernel state now: re-read it next time.
+                self.applied = None;
+                return Err(e);
+            }
+        };
+        self.applied = Some(desired);
+        Ok(stats)
+    }
+}
+
+fn apply_diff<D: LbDataplane>(
+    dp: &mut D,
+    actual: &LbState,
+    desired: &LbState,
+) -> anyhow::Result<LbStats> {
+    let mut stats = LbStats::default();
+    for (slot, b) in &desired.backends {
+        if actual.backends.get(slot) != Some(b) {
+            dp.upsert_lb_backend(slot.0, slot.1, b)?;
+            stats.writes += 1;
+        }
+    }
+    for (key, svc) in &desired.services {
+        if actual.services.get(key) != Some(svc) {
+            dp.upsert_lb_service(key, svc)?;
+            stats.writes += 1;
+        }
+    }
+    for key in actual.services.keys() {
+        if !desired.services.contains_key(key) {
+            dp.remove_lb_service(key)?;
+            stats.removes += 1;
+        }
+    }
+    for slot in actual.backends.keys() {
+        if !desired.backends.contains_key(slot) {
+            dp.remove_lb_backend(slot.0, slot.1)?;
+            stats.removes += 1;
+        }
+    }
+    // Flows pinned to a backend their frontend no longer has would blackhole: forget them, so
+    // the next packet picks a live backend (or is rejected).
+    let backend_changed = actual.backends != desired.backends;
+    if backend_changed {
+        let live: BTreeSet<(u32, LbBackend)> = desired
+            .backends
+            .iter()
+            .map(|((id, _), b)| (*id, *b))
+            .collect();
+        for ct in dp.lb_conntrack()? {
+            let b = LbBackend {
+                addr: *ct.backend.ip(),
+                port: ct.backend.port(),
+            };
+            if !live.contains(&(ct.id, b)) {
+                dp.remove_lb_conntrack(&ct)?;
+                stats.purged_flows += 1;
+            }
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddrV4;
+
+    #[derive(Default)]
+    struct MemLb {
+        state: LbState,
+        ct: Vec<LbConntrack>,
+        ops: Vec<String>,
+    }
+
+    impl LbDataplane for MemLb {
+        fn lb_state(&mut self) -> anyhow::Result<LbState> {
+            self.ops.push("read".into());
+            Ok(self.state.clone())
+        }
+        fn upsert_lb_service(&mut self, k: &LbFrontendKey, s: &LbService) -> anyhow::Result<()> {
+            self.ops
+                .push(format!("svc+ {}:{} n={}", k.addr, k.port, s.count));
+            self.state.services.insert(*k, *s);
+            Ok(())
+        }
+        fn remove_lb_service(&mut self, k: &LbFrontendKey) -> anyhow::Result<()> {
+            self.ops.push(format!("svc- {}:{}", k.addr, k.port));
+            self.state.services.remove(k);
+            Ok(())
+        }
+        fn upsert_lb_backend(&mut self, id: u32, slot: u32, b: &LbBackend) -> anyhow::Result<()> {
+            self.ops.push(format!("be+ {id}/{slot} {}", b.addr));
+            self.state.backends.insert((id, slot), *b);
+            Ok(())
+        }
+        fn remove_lb_backend(&mut self, id: u32, slot: u32) -> anyhow::Result<()> {
+            self.ops.push(format!("be- {id}/{slot}"));
+            self.state.backends.remove(&(id, slot));
+            Ok(())
+        }
+        fn lb_conntrack(&mut self) -> anyhow::Result<Vec<LbConntrack>> {
+            Ok(self.ct.clone())
+        }
+        fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> anyhow::Result<()> {
+            self.ct.retain(|c| c != ct);
+            Ok(())
+        }
+    }
+
+    fn compiled(backends: &[&str]) -> Compiled {
+        let mut c = Compiled::default();
+        c.frontends.insert(
+            FrontendKey {
+                addr: "10.0.0.20".parse().unwrap(),
+                port: 80,
+                proto: Protocol::Tcp,
+                scope: Scope::Internal,
+            },
+            ferrum_lb::Frontend {
+                service: "default/web:80".into(),
+                backends: backends
+                    .iter()
+                    .map(|a| ferrum_lb::Backend {
+                        addr: a.parse().unwrap(),
+                        port: 8080,
+                    })
+                    .collect(),
+                affinity_timeout: None,
+                algorithm: Algorithm::Random,
+                source_ranges: vec![],
+                masquerade: false,
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn growing_writes_backends_before_the_count_and_shrinking_removes_after() {
+        let mut dp = MemLb::default();
+        let mut r = LbReconciler::default();
+        r.reconcile(&mut dp, &compiled(&["10.244.0.5"])).unwrap();
+        assert_eq!(
+            dp.ops,
+            ["read", "be+ 1/1 10.244.0.5", "svc+ 10.0.0.20:80 n=1"]
+        );
+        dp.ops.clear();
+        r.reconcile(&mut dp, &compiled(&["10.244.0.5", "10.244.1.6"]))
+            .unwrap();
+        assert_eq!(dp.ops, ["be+ 1/2 10.244.1.6", "svc+ 10.0.0.20:80 n=2"]);
+        dp.ops.clear();
+        r.reconcile(&mut dp, &compiled(&["10.244.1.6"])).unwrap();
+        assert_eq!(
+            dp.ops,
+            ["be+ 1/1 10.244.1.6", "svc+ 10.0.0.20:80 n=1", "be- 1/2"]
+        );
+        dp.ops.clear();
+        let stats = r.reconcile(&mut dp, &compiled(&["10.244.1.6"])).unwrap();
+        assert_eq!(stats, LbStats::default(), "converged: nothing written");
+        assert!(dp.ops.is_empty(), "no kernel read either: {:?}", dp.ops);
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_the_kernel_ids_and_flows_of_removed_backends_are_purged() {
+        let mut dp = MemLb::default();
+        LbReconciler::default()
+            .reconcile(&mut dp, &compiled(&["10.244.0.5", "10.244.1.6"]))
+            .unwrap();
+        // Pretend the kernel numbered it 9 (an older agent's choice).
+        let (k, mut s) = dp.state.services.pop_first().unwrap();
+        s.id = 9;
+        dp.state.services.insert(k, s);
+        dp.state.backends = dp
+            .state
+            .backends
+            .iter()
+            .map(|((_, slot), b)| ((9, *slot), *b))
+            .collect();
+        let flow = |backend: &str| LbConntrack {
+            proto: 6,
+            client: SocketAddrV4::new("10.244.0.9".parse().unwrap(), 40000),
+            frontend: SocketAddrV4::new("10.0.0.20".parse().unwrap(), 80),
+            backend: SocketAddrV4::new(backend.parse().unwrap(), 8080),
+            id: 9,
+            snat: None,
+        };
+        dp.ct = vec![flow("10.244.0.5"), flow("10.244.1.6")];
+        dp.ops.clear();
+        let stats = LbReconciler::default()
+            .reconcile(&mut dp, &compiled(&["10.244.1.6"]))
+            .unwrap();
+        assert_eq!(dp.state.services.values().next().unwrap().id, 9);
+        assert_eq!(stats.purged_flows, 1);
+        assert_eq!(dp.ct, vec![flow("10.244.1.6")]);
+    }
+
+    #[test]
+    fn table_follows_relists() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.0.0.20", "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let mut t = ServiceTable::default();
+        t.apply(&WatchEvent::Upsert {
+            object: Object::Service(svc),
+        });
+        assert!(t.dirty);
+        let ip: Ipv4Addr = "10.224.0.4".parse().unwrap();
+        assert_eq!(
+            t.compile("n", ip, vec![], Algorithm::Random)
+                .frontends
+                .len(),
+            1
+        );
+        t.apply(&WatchEvent::Relist);
+        t.apply(&WatchEvent::Synced { revision: 5 });
+        assert!(
+            t.compile("n", ip, vec![], Algorithm::Random)
+                .frontends
+                .is_empty()
+        );
+    }
+}
+
+impl LbDataplane for crate::kernel::KernelDataplane {
+    fn lb_state(&mut self) -> anyhow::Result<LbState> {
+        use anyhow::Context;
+        Ok(LbState {
+            services: self
+                .datapath
+                .lb_services()
+                .context("reading the LB services map")?,
+            backends: self
+                .datapath
+                .lb_backends()
+                .context("reading the LB backends map")?,
+        })
+    }
+    fn upsert_lb_service(&mut self, key: &LbFrontendKey, svc: &LbService) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_service(key, svc)?)
+    }
+    fn remove_lb_service(&mut self, key: &LbFrontendKey) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_service(key)?)
+    }
+    fn upsert_lb_backend(&mut self, id: u32, slot: u32, b: &LbBackend) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_backend(id, slot, b)?)
+    }
+    fn remove_lb_backend(&mut self, id: u32, slot: u32) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_backend(id, slot)?)
+    }
+    fn lb_conntrack(&mut self) -> anyhow::Result<Vec<LbConntrack>> {
+        Ok(self.datapath.lb_conntrack()?)
+    }
+    fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_conntrack(ct)?)
+    }
+}
