@@ -1,0 +1,171 @@
+//! End-to-end tests of Services without kube-proxy: ClusterIP load balancing for TCP and UDP
+//! across nodes, named targetPorts, immediate refusal without backends, hairpin, clusterIPs kept
+//! on re-apply, and backends following pod removal. One lab shared by the assertions.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ferrum_datapath::netns::run_in_netns;
+use ferrum_e2e::Lab;
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn tcp_read(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
+    run_in_netns(netns, move || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), TIMEOUT)
+            .with_context(|| format!("connect {ip}:{port}"))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out.trim().to_string())
+    })?
+}
+
+/// The error kind of a TCP connect and how long it took to come back.
+fn tcp_connect_error(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<(ErrorKind, Duration)> {
+    run_in_netns(netns, move || -> Result<(ErrorKind, Duration)> {
+        let start = Instant::now();
+        match TcpStream::connect_timeout(&SocketAddr::from((ip, port)), TIMEOUT) {
+            Ok(_) => bail!("connect to {ip}:{port} succeeded"),
+            Err(e) => Ok((e.kind(), start.elapsed())),
+        }
+    })?
+}
+
+fn udp_ask(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
+    run_in_netns(netns, move || -> Result<String> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.connect((ip, port))?;
+        s.send(b"hello")?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).context("no UDP answer")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })?
+}
+
+/// Retries `f` until it succeeds (the datapath catches up with pod readiness asynchronously).
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: gave up"))),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn tally(n: usize, mut f: impl FnMut() -> Result<String>) -> Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        *seen.entry(f()?).or_insert(0) += 1;
+    }
+    Ok(seen)
+}
+
+fn service_json(lab: &Lab, name: &str) -> Result<Value> {
+    let list: Value = serde_json::from_str(&lab.ferrum_ok(&["get", "services", "-o", "json"])?)?;
+    list["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|s| s["metadata"]["name"] == name).cloned())
+        .with_context(|| format!("service {name} not listed"))
+}
+
+fn cluster_ip(lab: &Lab, name: &str) -> Result<Ipv4Addr> {
+    service_json(lab, name)?["spec"]["clusterIP"]
+        .as_str()
+        .context("clusterIP")?
+        .parse()
+        .context("clusterIP")
+}
+
+/// A pod serving TCP 8080 (named `web`) and UDP 5353 (named `dns`).
+fn backend(name: &str, node: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\n\
+         spec:\n  nodeName: {node}\n  containers:\n  - name: main\n    ports:\n\
+         \x20   - {{name: web, containerPort: 8080}}\n\
+         \x20   - {{name: dns, containerPort: 5353, protocol: UDP}}\n"
+    )
+}
+
+const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: web}\n  - {name: dns, port: 53, targetPort: dns, protocol: UDP}\n";
+const EMPTY: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  selector: {app: nobody}\n  ports:\n  - {name: t, port: 80}\n  - {name: u, port: 53, protocol: UDP}\n";
+
+#[test]
+fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<()> {
+    let lab = Lab::up(2, &[])?;
+    let yaml = [
+        backend("a", "node-0", "web"),
+        backend("b", "node-1", "web"),
+        backend("client", "node-0", "client"),
+        WEB.to_string(),
+        EMPTY.to_string(),
+    ]
+    .join("---\n");
+    lab.apply(&yaml)?;
+    let vip = cluster_ip(&lab, "web")?;
+    assert_eq!(vip.octets()[..2], [10, 0], "{vip} from the default service CIDR 10.0.0.0/16");
+    let client = lab.pod_netns("default", "client")?;
+
+    // TCP through the ClusterIP reaches the local and the remote backend (named targetPort
+    // resolved to 8080 on each pod); replies come back from the VIP.
+    eventually("both TCP backends", || {
+        let seen = tally(16, || tcp_read(&client, vip, 80))?;
+        if seen.len() == 2 {
+            Ok(())
+        } else {
+            bail!("only {seen:?}")
+        }
+    })?;
+    let seen = tally(30, || tcp_read(&client, vip, 80))?;
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["a", "b"],
+        "30 connections: {seen:?}"
+    );
+    // UDP too (a connected socket only accepts answers from the VIP itself).
+    let seen = tally(30, || udp_ask(&client, vip, 53))?;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{seen:?}");
+
+    // No backend: refused at once, not left to time out.
+    let empty = cluster_ip(&lab, "empty")?;
+    let (kind, took) = tcp_connect_error(&client, empty, 80)?;
+    assert_eq!(kind, ErrorKind::ConnectionRefused);
+    assert!(took < TIMEOUT, "refused after {took:?}");
+    let udp_err = run_in_netns(&client, move || -> Result<ErrorKind> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.connect((empty, 53))?;
+        s.send(b"x")?;
+        let mut buf = [0u8; 16];
+        match s.recv(&mut buf) {
+            Ok(_) => bail!("answer from a Service without backends"),
+            Err(e) => Ok(e.kind()),
+        }
+    })??;
+    assert_eq!(udp_err, ErrorKind::ConnectionRefused, "ICMP port unreachable");
+
+    // Hairpin: a backend reaching its own Service gets itself some of the time, and every
+    // connection works.
+    let a = lab.pod_netns("default", "a")?;
+    let seen = tally(24, || tcp_read(&a, vip, 80))?;
+    assert!(seen.contains_key("a"), "pod a never reached itself: {seen:?}");
+
+    // Re-applying keeps the clusterIP.
+    lab.apply(WEB)?;
+    assert_eq!(cluster_ip(&lab, "web")?, vip);
+
+    // Backends follow the endpoints: b goes, only a answers (flows to b were purged).
+    let out = lab.ferrum(&["delete", "-f", "-"], Some(&backend("b", "node-1", "web")))?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen = tally(12, || tcp_read(&client, vip, 80))?;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a"], "{seen:?}");
+    Ok(())
+}
