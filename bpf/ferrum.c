@@ -374,6 +374,8 @@ static __always_inline int from_pod_arp(struct __sk_buff *skb)
 /* ---- Service load balancing ------------------------------------------------------------ */
 
 #define LB_CONTINUE -1
+#define LB_TRANSLATED -2
+static __always_inline __u32 flow_hash(const struct ferrum_nat_key *k);
 static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, int src,
 				   __u32 old_addr, __u32 new_addr, __u16 old_port, __u16 new_port);
 #define ICMP_DEST_UNREACH 3
@@ -426,15 +428,16 @@ static __always_inline __u16 csum_fold32(__u32 s)
 }
 
 /* Reply of a balanced flow (backend -> client): the source becomes the frontend again, and a
- * hairpinned client gets its own address back as the destination. Returns -1 on a failed
- * rewrite, 0 otherwise (translated or not). */
+ * client whose address was replaced (hairpin, masquerade) gets it back as the destination.
+ * Returns -1 on a failed rewrite, 1 when the client is outside the cluster (the caller sends
+ * the reply out of the uplink), 0 otherwise (translated or not). */
 static __always_inline int lb_rev_nat(struct __sk_buff *skb, const struct ferrum_config *cfg,
 				      struct flow *f)
 {
 	struct ferrum_nat_key key = {};
 	struct ferrum_lb_rev *rev;
-	__u32 vip, client;
-	__u16 vport;
+	__u32 vip, client, flags;
+	__u16 vport, cport;
 
 	if (!lb_proto(f))
 		return 0;
@@ -449,21 +452,32 @@ static __always_inline int lb_rev_nat(struct __sk_buff *skb, const struct ferrum
 	vip = rev->frontend_addr;
 	vport = rev->frontend_port;
 	client = rev->client_addr;
+	cport = rev->client_port;
+	flags = rev->flags;
 	if (rewrite(skb, f, 1, f->saddr, vip, f->sport, vport) < 0)
 		return -1;
 	f->saddr = vip;
 	f->sport = vport;
 	if (client) {
-		if (rewrite(skb, f, 0, f->daddr, client, f->dport, f->dport) < 0)
+		if (rewrite(skb, f, 0, f->daddr, client, f->dport, cport) < 0)
 			return -1;
 		f->daddr = client;
+		f->dport = cport;
 	}
 	trace(skb, cfg, FERRUM_TRACE_LB_REV_DNAT, f, 0, vip, vport);
-	return 0;
+	return (flags & FERRUM_LB_REV_EXTERNAL) ? 1 : 0;
+}
+
+/* Sends a packet for a client outside the cluster straight out of the uplink (the stack would
+ * drop it: its source is now this node's own address). */
+static __always_inline int lb_out_uplink(const struct ferrum_config *cfg)
+{
+	return bpf_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
 }
 
 /* No usable backend: turn the packet into an ICMP port unreachable from the frontend and send
- * it straight back into the client pod, so connect() fails at once (TCP and UDP alike). */
+ * it straight back to the client (into its pod, or out of the uplink when `client` is NULL),
+ * so connect() fails at once (TCP and UDP alike). */
 static __always_inline int lb_reject(struct __sk_buff *skb, const struct ferrum_config *cfg,
 				     const struct ferrum_endpoint *client, const struct flow *f)
 {
@@ -507,6 +521,8 @@ static __always_inline int lb_reject(struct __sk_buff *skb, const struct ferrum_
 	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip) + sizeof(icmp), quoted, sizeof(quoted),
 				0) < 0)
 		return TC_ACT_SHOT;
+	if (!client)
+		return lb_out_uplink(cfg);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	eth = data;
@@ -534,10 +550,40 @@ static __always_inline int lb_pick(const struct ferrum_lb_service *svc, struct f
 	return 0;
 }
 
-/* Pod -> Service: DNAT to a backend (the connection's, or a new pick), with the reverse entry
- * for replies. Returns LB_CONTINUE to route the (possibly translated) packet on, or a verdict. */
-static __always_inline int lb_from_pod(struct __sk_buff *skb, const struct ferrum_config *cfg,
-				       const struct ferrum_endpoint *src_ep, struct flow *f)
+/* Reserves a source port on the node IP for a masqueraded external client: the reverse entry
+ * (backend, node, backend port, port) is created here with BPF_NOEXIST. Returns the port in
+ * network order, 0 when none is free. */
+static __always_inline __u16 lb_snat_port(const struct ferrum_config *cfg,
+					   const struct ferrum_lb_backend *backend,
+					   const struct ferrum_nat_key *fwd,
+					   const struct ferrum_lb_rev *rev)
+{
+	struct ferrum_nat_key rkey = {};
+	__u32 range, start, i;
+
+	if (cfg->nat_port_max < cfg->nat_port_min || cfg->nat_port_min == 0)
+		return 0;
+	range = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
+	start = flow_hash(fwd) % range;
+	rkey.addr_a = backend->addr;
+	rkey.addr_b = cfg->node_ip;
+	rkey.port_a = backend->port;
+	rkey.proto = fwd->proto;
+	for (i = 0; i < NAT_PORT_TRIES && i < range; i++) {
+		__u16 port = bpf_htons((__u16)(cfg->nat_port_min + (start + i) % range));
+		rkey.port_b = port;
+		if (bpf_map_update_elem(&ferrum_lb_rev, &rkey, rev, BPF_NOEXIST) == 0)
+			return port;
+	}
+	return 0;
+}
+
+/* DNAT (and, for masqueraded or hairpinned clients, SNAT) of a balanced flow; scope external:
+ * the client is outside the cluster. Returns LB_TRANSLATED (route the packet on to the
+ * backend), LB_CONTINUE (no such frontend) or a verdict. */
+static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					const struct ferrum_endpoint *src_ep, struct flow *f,
+					__u8 scope)
 {
 	struct ferrum_lb_key key = {};
 	struct ferrum_lb_service *svc;
@@ -545,19 +591,14 @@ static __always_inline int lb_from_pod(struct __sk_buff *skb, const struct ferru
 	struct ferrum_lb_ct *ct, newct = {};
 	struct ferrum_lb_rev rev = {};
 	struct ferrum_lb_backend backend = {};
-	__u32 client_seen;
 	__u32 vip = f->daddr;
 	__u16 vport = f->dport;
-
-	if (!lb_proto(f))
-		return LB_CONTINUE;
-	if (lb_rev_nat(skb, cfg, f) < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	int external = scope == FERRUM_LB_SCOPE_EXTERNAL;
 
 	key.addr = f->daddr;
 	key.port = f->dport;
 	key.proto = f->proto;
-	key.scope = FERRUM_LB_SCOPE_INTERNAL;
+	key.scope = scope;
 	svc = bpf_map_lookup_elem(&ferrum_lb_services, &key);
 	if (!svc)
 		return LB_CONTINUE;
@@ -578,22 +619,37 @@ static __always_inline int lb_from_pod(struct __sk_buff *skb, const struct ferru
 		newct.backend_addr = backend.addr;
 		newct.backend_port = backend.port;
 		newct.id = svc->id;
-		/* A pod reaching itself would see its own address as the source and drop it. */
-		if (backend.addr == f->saddr)
+		rev.frontend_addr = vip;
+		rev.frontend_port = vport;
+		rev.flags = external ? FERRUM_LB_REV_EXTERNAL : 0;
+		if (external && (svc->flags & FERRUM_LB_FLAG_MASQUERADE)) {
+			/* externalTrafficPolicy=Cluster: the backend answers this node. */
+			rev.client_addr = f->saddr;
+			rev.client_port = f->sport;
+			newct.snat_port = lb_snat_port(cfg, &backend, &fwd, &rev);
+			if (!newct.snat_port)
+				return drop(skb, FERRUM_DROP_NAT_NO_PORT, f);
+			newct.snat_addr = cfg->node_ip;
+		} else if (backend.addr == f->saddr) {
+			/* A pod reaching itself would see its own address as the source and drop it. */
 			newct.snat_addr = bpf_htonl(FERRUM_HAIRPIN_ADDR_HOST);
+			newct.snat_port = f->sport;
+		}
 		bpf_map_update_elem(&ferrum_lb_ct, &fwd, &newct, BPF_ANY);
 	}
 
-	client_seen = newct.snat_addr ? newct.snat_addr : f->saddr;
+	/* The reverse entry (restored if the LRU evicted it). */
 	rkey.addr_a = backend.addr;
-	rkey.addr_b = client_seen;
+	rkey.addr_b = newct.snat_addr ? newct.snat_addr : f->saddr;
 	rkey.port_a = backend.port;
-	rkey.port_b = f->sport;
+	rkey.port_b = newct.snat_addr ? newct.snat_port : f->sport;
 	rkey.proto = f->proto;
 	if (!bpf_map_lookup_elem(&ferrum_lb_rev, &rkey)) {
 		rev.frontend_addr = vip;
 		rev.frontend_port = vport;
 		rev.client_addr = newct.snat_addr ? f->saddr : 0;
+		rev.client_port = newct.snat_addr ? f->sport : 0;
+		rev.flags = external ? FERRUM_LB_REV_EXTERNAL : 0;
 		bpf_map_update_elem(&ferrum_lb_rev, &rkey, &rev, BPF_ANY);
 	}
 
@@ -602,12 +658,31 @@ static __always_inline int lb_from_pod(struct __sk_buff *skb, const struct ferru
 	f->daddr = backend.addr;
 	f->dport = backend.port;
 	if (newct.snat_addr) {
-		if (rewrite(skb, f, 1, f->saddr, newct.snat_addr, f->sport, f->sport) < 0)
+		if (rewrite(skb, f, 1, f->saddr, newct.snat_addr, f->sport, newct.snat_port) < 0)
 			return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
 		f->saddr = newct.snat_addr;
+		f->sport = newct.snat_port;
 	}
 	trace(skb, cfg, FERRUM_TRACE_LB_DNAT, f, 0, vip, vport);
-	return LB_CONTINUE;
+	return LB_TRANSLATED;
+}
+
+/* Pod -> Service: replies of balanced flows are translated back first, then new requests to a
+ * frontend are translated to a backend. */
+static __always_inline int lb_from_pod(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				       const struct ferrum_endpoint *src_ep, struct flow *f)
+{
+	int rc;
+
+	if (!lb_proto(f))
+		return LB_CONTINUE;
+	rc = lb_rev_nat(skb, cfg, f);
+	if (rc < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	if (rc > 0)
+		return lb_out_uplink(cfg);
+	rc = lb_translate(skb, cfg, src_ep, f, FERRUM_LB_SCOPE_INTERNAL);
+	return rc == LB_TRANSLATED ? LB_CONTINUE : rc;
 }
 
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
@@ -680,12 +755,16 @@ int from_overlay(struct __sk_buff *skb)
 	struct ferrum_config *cfg = config();
 	struct ferrum_endpoint *ep;
 	struct flow f = {};
+	int rc;
 
 	if (parse_ipv4(skb, &f) < 0)
 		return TC_ACT_OK;
 	/* Replies from a backend on another node to a client balanced on this one. */
-	if (lb_rev_nat(skb, cfg, &f) < 0)
+	rc = lb_rev_nat(skb, cfg, &f);
+	if (rc < 0)
 		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
+	if (rc > 0)
+		return lb_out_uplink(cfg);
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
 	if (ep)
 		return to_endpoint(skb, cfg, ep, &f);
@@ -879,6 +958,35 @@ int to_uplink(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* External client -> frontend: translate, then deliver to a local backend or tunnel to the
+ * backend's node. Returns LB_CONTINUE when the packet is not for a frontend. */
+static __always_inline int lb_from_uplink(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					  struct flow *f)
+{
+	struct ferrum_ipcache_key key;
+	struct ferrum_ipcache_value *peer;
+	struct ferrum_endpoint *ep;
+	int rc;
+
+	rc = lb_translate(skb, cfg, NULL, f, FERRUM_LB_SCOPE_EXTERNAL);
+	if (rc != LB_TRANSLATED)
+		return rc;
+	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f->daddr);
+	if (ep)
+		return to_endpoint(skb, cfg, ep, f);
+	key.prefixlen = 32;
+	key.addr = f->daddr;
+	peer = bpf_map_lookup_elem(&ferrum_ipcache, &key);
+	if (peer && peer->tunnel_endpoint) {
+		__u32 tunnel = peer->tunnel_endpoint;
+		if (!cfg->overlay_ifindex || set_tunnel(skb, cfg, tunnel) < 0)
+			return drop(skb, FERRUM_DROP_ENCAP_FAILED, f);
+		trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, f, tunnel, 0, 0);
+		return bpf_redirect(cfg->overlay_ifindex, 0);
+	}
+	return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, f);
+}
+
 /* tcx ingress on the uplink: reverse-SNAT replies and hand them to the pod. */
 SEC("classifier/from_uplink")
 int from_uplink(struct __sk_buff *skb)
@@ -893,7 +1001,15 @@ int from_uplink(struct __sk_buff *skb)
 
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
-	if (parse_ipv4(skb, &f) < 0 || f.daddr != cfg->node_ip || !f.has_ports)
+	if (parse_ipv4(skb, &f) < 0 || !f.has_ports)
+		return TC_ACT_OK;
+	/* NodePorts, LoadBalancer IPs and externalIPs reached from outside the cluster. */
+	if (lb_proto(&f)) {
+		int rc = lb_from_uplink(skb, cfg, &f);
+		if (rc != LB_CONTINUE)
+			return rc;
+	}
+	if (f.daddr != cfg->node_ip)
 		return TC_ACT_OK;
 	if (f.proto == IPPROTO_ICMP && f.icmp_type != ICMP_ECHOREPLY)
 		return TC_ACT_OK;

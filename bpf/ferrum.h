@@ -189,18 +189,20 @@ struct ferrum_lb_backend {
 struct ferrum_lb_ct {
 	__u32 backend_addr;
 	__u16 backend_port;
-	__u16 pad;
+	__u16 snat_port; /* with snat_addr: the client's port replaced by this one */
 	__u32 id; /* frontend id */
-	__u32 snat_addr; /* client address replaced by this one (hairpin), 0 if none */
+	__u32 snat_addr; /* client address replaced by this one (hairpin, masquerade), 0 if none */
 };
 #define FERRUM_LB_CT_SIZE 16
 struct ferrum_lb_rev {
 	__u32 frontend_addr;
 	__u16 frontend_port;
-	__u16 pad;
+	__u16 client_port; /* with client_addr */
 	__u32 client_addr; /* restore as destination when the client was SNAT'd, else 0 */
-	__u32 pad2;
+	__u32 flags;
 };
+/* The client is outside the cluster: replies leave through the uplink. */
+#define FERRUM_LB_REV_EXTERNAL (1U << 0)
 #define FERRUM_LB_REV_SIZE 16
 /* The source a pod sees when it reaches itself through a Service (it would drop its own
  * address as a source). */

@@ -360,7 +360,7 @@ fn a_pod_reaching_itself_through_its_service_is_hairpin_snatted() -> Result<()> 
     );
     assert_eq!(p.eth_dst, MAC_A);
     packet::verify_checksums(&out.frame)?;
-    assert_eq!(f.dp.lb_conntrack()?[0].snat, Some(HAIRPIN));
+    assert_eq!(f.dp.lb_conntrack()?[0].snat, Some(sa(HAIRPIN, 40000)));
 
     let reply = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 8080), sa(HAIRPIN, 40000), b"");
     let out = f.dp.test_run(Program::FromPod, &reply, f.veth_a, 1)?;
@@ -368,5 +368,140 @@ fn a_pod_reaching_itself_through_its_service_is_hairpin_snatted() -> Result<()> 
     let p = packet::parse(&out.frame)?;
     assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, POD_A, 40000));
     packet::verify_checksums(&out.frame)?;
+    Ok(())
+}
+
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const ROUTER_MAC: Mac = [0x02, 0x10, 0, 0, 0, 0x01];
+const UPLINK_MAC: Mac = [0x02, 0x10, 0, 0, 0, 0x0a];
+
+fn node_port(f: &mut Fixture, masquerade: bool, backends: &[SocketAddrV4]) -> Result<()> {
+    let key = LbFrontendKey {
+        addr: NODE_IP,
+        port: 30080,
+        proto: PROTO_TCP,
+        scope: 1,
+    };
+    f.service(key, 7, backends)?;
+    f.dp.upsert_lb_service(
+        &key,
+        &LbService {
+            id: 7,
+            count: backends.len() as u16,
+            masquerade,
+            ..LbService::default()
+        },
+    )?;
+    Ok(())
+}
+
+#[test]
+fn node_port_with_cluster_policy_masquerades_and_replies_leave_by_the_uplink() -> Result<()> {
+    let mut f = fixture()?;
+    node_port(&mut f, true, &[sa(REMOTE_POD, 8080)])?;
+    let syn = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 50000),
+        sa(NODE_IP, 30080),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &syn, f.veth_b, 1)?;
+    assert_eq!(
+        out.retval, TC_ACT_REDIRECT,
+        "tunnelled to the backend's node"
+    );
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.src, p.dst, p.dport), (NODE_IP, REMOTE_POD, 8080));
+    assert!((61000..=65535).contains(&p.sport), "SNAT port {}", p.sport);
+    packet::verify_checksums(&out.frame)?;
+    let nat_port = p.sport;
+    assert_eq!(
+        f.dp.lb_reverse(PROTO_TCP, sa(REMOTE_POD, 8080), sa(NODE_IP, nat_port))?,
+        Some((sa(NODE_IP, 30080), Some(sa(EXTERNAL, 50000))))
+    );
+
+    let reply = packet::tcp_frame(
+        [0x02, 0xbb, 0, 0, 0, 1],
+        [0x02, 0xbb, 0, 0, 0, 2],
+        sa(REMOTE_POD, 8080),
+        sa(NODE_IP, nat_port),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromOverlay, &reply, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "straight out of the uplink");
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (NODE_IP, 30080, EXTERNAL, 50000)
+    );
+    packet::verify_checksums(&out.frame)?;
+    Ok(())
+}
+
+#[test]
+fn node_port_with_local_policy_keeps_the_client_address() -> Result<()> {
+    let mut f = fixture()?;
+    node_port(&mut f, false, &[sa(POD_B, 8080)])?;
+    let syn = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 50000),
+        sa(NODE_IP, 30080),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &syn, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (EXTERNAL, 50000, POD_B, 8080),
+        "the backend sees the real client"
+    );
+    assert_eq!(p.eth_dst, MAC_B);
+    packet::verify_checksums(&out.frame)?;
+
+    let reply = packet::tcp_frame(MAC_B, HOST_MAC_B, sa(POD_B, 8080), sa(EXTERNAL, 50000), b"");
+    let out = f.dp.test_run(Program::FromPod, &reply, f.veth_b, 1)?;
+    assert_eq!(
+        out.retval, TC_ACT_REDIRECT,
+        "out of the uplink, not via the stack"
+    );
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (NODE_IP, 30080, EXTERNAL, 50000)
+    );
+    packet::verify_checksums(&out.frame)?;
+    Ok(())
+}
+
+#[test]
+fn external_client_without_backend_is_refused_and_other_uplink_traffic_is_untouched() -> Result<()>
+{
+    let mut f = fixture()?;
+    node_port(&mut f, false, &[])?;
+    let syn = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 50000),
+        sa(NODE_IP, 30080),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &syn, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.src, p.dst, p.proto), (NODE_IP, EXTERNAL, PROTO_ICMP));
+    packet::verify_checksums(&out.frame)?;
+    // Another port on the node IP is the node's own business.
+    let other = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 50000),
+        sa(NODE_IP, 22),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &other, f.veth_b, 1)?;
+    assert_eq!((out.retval, out.frame), (TC_ACT_OK, other));
     Ok(())
 }

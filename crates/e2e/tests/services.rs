@@ -55,7 +55,9 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: gave up"))),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{what}: gave up")));
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
@@ -73,7 +75,12 @@ fn service_json(lab: &Lab, name: &str) -> Result<Value> {
     let list: Value = serde_json::from_str(&lab.ferrum_ok(&["get", "services", "-o", "json"])?)?;
     list["items"]
         .as_array()
-        .and_then(|items| items.iter().find(|s| s["metadata"]["name"] == name).cloned())
+        .and_then(|items| {
+            items
+                .iter()
+                .find(|s| s["metadata"]["name"] == name)
+                .cloned()
+        })
         .with_context(|| format!("service {name} not listed"))
 }
 
@@ -111,7 +118,11 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
     .join("---\n");
     lab.apply(&yaml)?;
     let vip = cluster_ip(&lab, "web")?;
-    assert_eq!(vip.octets()[..2], [10, 0], "{vip} from the default service CIDR 10.0.0.0/16");
+    assert_eq!(
+        vip.octets()[..2],
+        [10, 0],
+        "{vip} from the default service CIDR 10.0.0.0/16"
+    );
     let client = lab.pod_netns("default", "client")?;
 
     // TCP through the ClusterIP reaches the local and the remote backend (named targetPort
@@ -150,13 +161,20 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
             Err(e) => Ok(e.kind()),
         }
     })??;
-    assert_eq!(udp_err, ErrorKind::ConnectionRefused, "ICMP port unreachable");
+    assert_eq!(
+        udp_err,
+        ErrorKind::ConnectionRefused,
+        "ICMP port unreachable"
+    );
 
     // Hairpin: a backend reaching its own Service gets itself some of the time, and every
     // connection works.
     let a = lab.pod_netns("default", "a")?;
     let seen = tally(24, || tcp_read(&a, vip, 80))?;
-    assert!(seen.contains_key("a"), "pod a never reached itself: {seen:?}");
+    assert!(
+        seen.contains_key("a"),
+        "pod a never reached itself: {seen:?}"
+    );
 
     // Re-applying keeps the clusterIP.
     lab.apply(WEB)?;
@@ -164,8 +182,121 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
 
     // Backends follow the endpoints: b goes, only a answers (flows to b were purged).
     let out = lab.ferrum(&["delete", "-f", "-"], Some(&backend("b", "node-1", "web")))?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let seen = tally(12, || tcp_read(&client, vip, 80))?;
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["a"], "{seen:?}");
+    Ok(())
+}
+
+fn node_ip(lab: &Lab, node: &str) -> Result<Ipv4Addr> {
+    let status = lab.status()?;
+    status["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+        .and_then(|n| n["ip"].as_str())
+        .with_context(|| format!("node {node} not in lab status"))?
+        .parse()
+        .context("node ip")
+}
+
+fn node_port(lab: &Lab, svc: &str) -> Result<u16> {
+    let port = service_json(lab, svc)?["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .with_context(|| format!("service {svc} has no nodePort"))?;
+    Ok(u16::try_from(port)?)
+}
+
+/// Accepts one connection on `port` inside `netns` (a pod), answers, and returns the peer.
+fn accept_one(netns: &Path, port: u16) -> Result<std::thread::JoinHandle<Result<SocketAddr>>> {
+    let listener = run_in_netns(netns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port))
+    })??;
+    Ok(std::thread::spawn(move || -> Result<SocketAddr> {
+        listener.set_nonblocking(false)?;
+        let (mut s, peer) = listener.accept()?;
+        std::io::Write::write_all(&mut s, b"seen\n")?;
+        Ok(peer)
+    }))
+}
+
+#[test]
+fn node_ports_from_the_external_host_with_both_traffic_policies() -> Result<()> {
+    let lab = Lab::up(2, &[])?;
+    let svc = |name: &str, policy: &str, app: &str, target: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: NodePort\n  \
+             externalTrafficPolicy: {policy}\n  selector: {{app: {app}}}\n  ports:\n  - {{port: 80, targetPort: {target}}}\n"
+        )
+    };
+    let yaml = [
+        backend("a", "node-0", "web"),
+        backend("b", "node-1", "web"),
+        svc("cluster", "Cluster", "web", 8080),
+        svc("local", "Local", "web", 9000),
+    ]
+    .join("---\n");
+    lab.apply(&yaml)?;
+    let ext = lab.external_netns();
+    let (n0, n1) = (node_ip(&lab, "node-0")?, node_ip(&lab, "node-1")?);
+    let cluster_port = node_port(&lab, "cluster")?;
+    assert!((30000..=32767).contains(&cluster_port));
+
+    // Cluster policy: any node forwards to any backend (masqueraded), both backends reached.
+    eventually("node port answers", || tcp_read(&ext, n0, cluster_port))?;
+    let mut seen = BTreeMap::new();
+    for node in [n0, n1] {
+        for _ in 0..12 {
+            *seen.entry(tcp_read(&ext, node, cluster_port)?).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{seen:?}");
+
+    // Local policy: the backend sees the external host's own address.
+    let local_port = node_port(&lab, "local")?;
+    let a = lab.pod_netns("default", "a")?;
+    let b = lab.pod_netns("default", "b")?;
+    let peer = accept_one(&a, 9000)?;
+    let peer_b = accept_one(&b, 9000)?;
+    assert_eq!(
+        eventually("local node port", || tcp_read(&ext, n0, local_port))?,
+        "seen"
+    );
+    let peer = peer
+        .join()
+        .map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
+    assert_eq!(
+        peer.ip().to_string(),
+        lab.status()?["external"]["ip"]
+            .as_str()
+            .context("external ip")?,
+        "client source preserved"
+    );
+    // Through node-1 it reaches node-1's own backend only (b), again with the real source.
+    assert_eq!(tcp_read(&ext, n1, local_port)?, "seen");
+    let peer_b = peer_b
+        .join()
+        .map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
+    assert_eq!(peer_b.ip(), peer.ip());
+
+    // Local policy with no backend on the node: refused at once.
+    let out = lab.ferrum(&["delete", "-f", "-"], Some(&backend("b", "node-1", "web")))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (kind, _) = eventually("refused on node-1", || {
+        let r = tcp_connect_error(&ext, n1, local_port)?;
+        if r.0 == ErrorKind::ConnectionRefused {
+            Ok(r)
+        } else {
+            bail!("{r:?}")
+        }
+    })?;
+    assert_eq!(kind, ErrorKind::ConnectionRefused);
     Ok(())
 }

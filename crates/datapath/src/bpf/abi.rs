@@ -133,7 +133,7 @@ pub(crate) struct RawLbBackend {
 pub(crate) struct RawLbCt {
     pub backend_addr: u32,
     pub backend_port: u16,
-    pub pad: u16,
+    pub snat_port: u16,
     pub id: u32,
     pub snat_addr: u32,
 }
@@ -144,9 +144,9 @@ pub(crate) struct RawLbCt {
 pub(crate) struct RawLbRev {
     pub frontend_addr: u32,
     pub frontend_port: u16,
-    pub pad: u16,
+    pub client_port: u16,
     pub client_addr: u32,
-    pub pad2: u32,
+    pub flags: u32,
 }
 
 // SAFETY: plain old data, no padding the kernel could leave uninitialised that we rely on.

@@ -55,8 +55,9 @@ pub struct LbConntrack {
     pub frontend: SocketAddrV4,
     pub backend: SocketAddrV4,
     pub id: u32,
-    /// The client's address as the backend sees it, when it was replaced (hairpin).
-    pub snat: Option<Ipv4Addr>,
+    /// The client's address and port as the backend sees them, when they were replaced
+    /// (hairpin, masquerade of external clients).
+    pub snat: Option<SocketAddrV4>,
 }
 
 fn key_to_raw(k: &LbFrontendKey) -> RawLbKey {
@@ -200,7 +201,9 @@ impl Datapath {
                     port_from_raw(v.backend_port),
                 ),
                 id: v.id,
-                snat: (v.snat_addr != 0).then(|| addr_from_raw(v.snat_addr)),
+                snat: (v.snat_addr != 0).then(|| {
+                    SocketAddrV4::new(addr_from_raw(v.snat_addr), port_from_raw(v.snat_port))
+                }),
             });
         }
         out.sort_by_key(|c| (c.proto, c.client, c.frontend));
@@ -218,11 +221,12 @@ impl Datapath {
             proto: ct.proto,
             pad: [0; 3],
         };
+        let seen = ct.snat.unwrap_or(ct.client);
         let rev = RawNatKey {
             addr_a: addr_to_raw(*ct.backend.ip()),
-            addr_b: addr_to_raw(ct.snat.unwrap_or(*ct.client.ip())),
+            addr_b: addr_to_raw(*seen.ip()),
             port_a: ct.backend.port().to_be(),
-            port_b: ct.client.port().to_be(),
+            port_b: seen.port().to_be(),
             proto: ct.proto,
             pad: [0; 3],
         };
@@ -245,7 +249,7 @@ impl Datapath {
         proto: u8,
         backend: SocketAddrV4,
         client_seen: SocketAddrV4,
-    ) -> Result<Option<(SocketAddrV4, Option<Ipv4Addr>)>, DatapathError> {
+    ) -> Result<Option<(SocketAddrV4, Option<SocketAddrV4>)>, DatapathError> {
         let map: HashMap<_, RawNatKey, RawLbRev> =
             HashMap::try_from(self.map(MAP_LB_REV)?).map_err(map_op_err(MAP_LB_REV, "open"))?;
         let key = RawNatKey {
@@ -262,7 +266,9 @@ impl Datapath {
                     addr_from_raw(v.frontend_addr),
                     port_from_raw(v.frontend_port),
                 ),
-                (v.client_addr != 0).then(|| addr_from_raw(v.client_addr)),
+                (v.client_addr != 0).then(|| {
+                    SocketAddrV4::new(addr_from_raw(v.client_addr), port_from_raw(v.client_port))
+                }),
             ))),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_op_err(MAP_LB_REV, "look up")(e)),
