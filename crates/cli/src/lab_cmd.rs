@@ -48,6 +48,9 @@ pub struct UpArgs {
     /// VNet mode only: the subnet pods take addresses from.
     #[arg(long)]
     pub pod_subnet: Option<String>,
+    /// Pool of LoadBalancer ingress IPs (routed by the fabric to the nodes).
+    #[arg(long, default_value = "198.51.100.0/24")]
+    pub lb_pool: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -85,6 +88,7 @@ impl UpArgs {
                 .as_deref()
                 .map(|s| np::parse_cidr("pod-subnet", s))
                 .transpose()?,
+            lb_pool: np::parse_cidr("lb-pool", &self.lb_pool)?,
         };
         profile.validate()?;
         Ok(profile)

@@ -105,6 +105,8 @@ fn backend(name: &str, node: &str, app: &str) -> String {
 const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: web}\n  - {name: dns, port: 53, targetPort: dns, protocol: UDP}\n";
 const EMPTY: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  selector: {app: nobody}\n  ports:\n  - {name: t, port: 80}\n  - {name: u, port: 53, protocol: UDP}\n";
 
+const ITP_LOCAL: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: itp}\nspec:\n  internalTrafficPolicy: Local\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 8080}\n";
+
 #[test]
 fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<()> {
     let lab = Lab::up(2, &[])?;
@@ -114,6 +116,7 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
         backend("client", "node-0", "client"),
         WEB.to_string(),
         EMPTY.to_string(),
+        ITP_LOCAL.to_string(),
     ]
     .join("---\n");
     lab.apply(&yaml)?;
@@ -176,6 +179,14 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
         "pod a never reached itself: {seen:?}"
     );
 
+    // internalTrafficPolicy=Local: each client only reaches backends on its own node.
+    let itp = cluster_ip(&lab, "itp")?;
+    let b_ns = lab.pod_netns("default", "b")?;
+    let from_0 = tally(10, || tcp_read(&client, itp, 80))?;
+    assert_eq!(from_0.keys().collect::<Vec<_>>(), ["a"], "{from_0:?}");
+    let from_1 = tally(10, || tcp_read(&b_ns, itp, 80))?;
+    assert_eq!(from_1.keys().collect::<Vec<_>>(), ["b"], "{from_1:?}");
+
     // Re-applying keeps the clusterIP.
     lab.apply(WEB)?;
     assert_eq!(cluster_ip(&lab, "web")?, vip);
@@ -224,7 +235,7 @@ fn accept_one(netns: &Path, port: u16) -> Result<std::thread::JoinHandle<Result<
 }
 
 #[test]
-fn node_ports_from_the_external_host_with_both_traffic_policies() -> Result<()> {
+fn node_ports_and_load_balancers_from_the_external_host_with_both_traffic_policies() -> Result<()> {
     let lab = Lab::up(2, &[])?;
     let svc = |name: &str, policy: &str, app: &str, target: u16| {
         format!(
@@ -237,6 +248,19 @@ fn node_ports_from_the_external_host_with_both_traffic_policies() -> Result<()> 
         backend("b", "node-1", "web"),
         svc("cluster", "Cluster", "web", 8080),
         svc("local", "Local", "web", 9000),
+        svc("lb", "Cluster", "web", 8080).replace("NodePort", "LoadBalancer"),
+        svc("dns-tcp", "Cluster", "web", 8080)
+            .replace(
+                "type: NodePort",
+                "type: LoadBalancer\n  loadBalancerIP: 198.51.100.53",
+            )
+            .replace("port: 80,", "port: 53,"),
+        svc("dns-udp", "Cluster", "web", 5353)
+            .replace(
+                "type: NodePort",
+                "type: LoadBalancer\n  loadBalancerIP: 198.51.100.53",
+            )
+            .replace("port: 80,", "port: 53, protocol: UDP,"),
     ]
     .join("---\n");
     lab.apply(&yaml)?;
@@ -254,6 +278,26 @@ fn node_ports_from_the_external_host_with_both_traffic_policies() -> Result<()> 
         }
     }
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{seen:?}");
+
+    // LoadBalancer: an address from the pool, routed by the fabric to the nodes.
+    let lb_ip: Ipv4Addr = service_json(&lab, "lb")?["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .context("lb ingress ip")?
+        .parse()?;
+    assert_eq!(
+        lb_ip.octets()[..3],
+        [198, 51, 100],
+        "from the default --lb-pool"
+    );
+    eventually("load balancer answers", || tcp_read(&ext, lb_ip, 80))?;
+    let seen = tally(20, || tcp_read(&ext, lb_ip, 80))?;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{seen:?}");
+    // Two Services on one address and port, one TCP and one UDP: both work.
+    let dns: Ipv4Addr = "198.51.100.53".parse()?;
+    let tcp = eventually("53/TCP on the shared address", || tcp_read(&ext, dns, 53))?;
+    assert!(tcp == "a" || tcp == "b", "{tcp}");
+    let udp = eventually("53/UDP on the shared address", || udp_ask(&ext, dns, 53))?;
+    assert!(udp == "a" || udp == "b", "{udp}");
 
     // Local policy: the backend sees the external host's own address.
     let local_port = node_port(&lab, "local")?;

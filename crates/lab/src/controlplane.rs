@@ -93,6 +93,8 @@ struct State {
 pub struct ServiceNet {
     pub cidr: ipnet::Ipv4Net,
     pub reserved: Vec<std::net::Ipv4Addr>,
+    /// LoadBalancer ingress IPs (None: LoadBalancer Services stay pending).
+    pub lb_pool: Option<ipnet::Ipv4Net>,
 }
 
 struct Inner {

@@ -172,6 +172,7 @@ pub fn run(paths: &LabPaths) -> Result<(), DaemonError> {
     cp.set_service_network(crate::controlplane::ServiceNet {
         cidr: profile.service_cidr,
         reserved: vec![profile.dns_service_ip],
+        lb_pool: Some(profile.lb_pool),
     });
     let existing: Vec<String> = cp
         .list(Kind::Node, None)
@@ -232,6 +233,18 @@ pub fn run(paths: &LabPaths) -> Result<(), DaemonError> {
         let (s, cp, profile) = (stop.clone(), cp.clone(), profile.clone());
         threads.push(std::thread::spawn(move || {
             sync_node_readiness(&cp, &profile, &s)
+        }));
+    }
+    {
+        let (s, cp, fabric) = (stop.clone(), cp.clone(), paths.fabric_netns());
+        let nodes = profile
+            .node_names()
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, profile.node_ip(u32::try_from(i).unwrap_or(u32::MAX))))
+            .collect();
+        threads.push(std::thread::spawn(move || {
+            crate::lbroutes::run(&cp, &fabric, nodes, &s)
         }));
     }
 

@@ -12,6 +12,7 @@ pub mod controlplane;
 pub mod daemon;
 pub mod endpointslice;
 pub mod fabric;
+pub mod lbroutes;
 pub mod network_profile;
 pub mod profile;
 pub mod runtime;

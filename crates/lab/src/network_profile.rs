@@ -87,6 +87,15 @@ pub struct NetworkProfile {
     /// VNet mode only: the subnet pods take their addresses from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_subnet: Option<Ipv4Net>,
+    /// Where LoadBalancer Services get their ingress IPs (the "public" addresses the fabric
+    /// routes to the nodes).
+    #[serde(default = "default_lb_pool")]
+    pub lb_pool: Ipv4Net,
+}
+
+/// TEST-NET-2: public-looking, and outside every other lab range.
+pub fn default_lb_pool() -> Ipv4Net {
+    net("198.51.100.0/24")
 }
 
 fn net(s: &str) -> Ipv4Net {
@@ -107,6 +116,7 @@ impl Default for NetworkProfile {
             vnet_cidr: net("10.224.0.0/12"),
             node_subnet: net("10.224.0.0/16"),
             pod_subnet: None,
+            lb_pool: default_lb_pool(),
         }
     }
 }
@@ -249,6 +259,25 @@ impl NetworkProfile {
                     "{} overlaps the service CIDR {}",
                     self.pod_cidr, self.service_cidr
                 ),
+            ));
+        }
+        for (option, cidr) in [
+            ("pod-cidr", &self.pod_cidr),
+            ("service-cidr", &self.service_cidr),
+            ("vnet-cidr", &self.vnet_cidr),
+            ("external host network", &external),
+        ] {
+            if overlaps(&self.lb_pool, cidr) {
+                return Err(invalid(
+                    "lb-pool",
+                    format!("{} overlaps the {option} {cidr}", self.lb_pool),
+                ));
+            }
+        }
+        if self.lb_pool.trunc() != self.lb_pool {
+            return Err(invalid(
+                "lb-pool",
+                format!("{} has host bits set", self.lb_pool),
             ));
         }
         if overlaps(&self.service_cidr, &self.vnet_cidr) {

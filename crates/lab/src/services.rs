@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ferrum_model::{Kind, Object, ObjectRef, ValidationError, WatchEvent};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Service};
 
 use crate::controlplane::{CpError, ServiceNet, new_uid, now};
 use crate::endpointslice;
@@ -174,7 +174,109 @@ pub fn assign_addresses(
             port.node_port = Some(wanted);
         }
     }
+    let pool = net.and_then(|n| n.lb_pool);
+    match (svc_type.as_str(), pool) {
+        ("LoadBalancer", Some(pool)) => {
+            let ip = ingress_ip(&svc, existing, work, &key, pool)?;
+            let status = svc.status.get_or_insert_default();
+            status.load_balancer = Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some(ip.to_string()),
+                    ip_mode: Some("VIP".into()),
+                    ..Default::default()
+                }]),
+            });
+        }
+        ("LoadBalancer", None) => {}
+        _ => {
+            if let Some(status) = svc.status.as_mut() {
+                status.load_balancer = None;
+            }
+        }
+    }
     Ok(Object::Service(svc))
+}
+
+fn ports_of(svc: &Service) -> BTreeSet<(i32, String)> {
+    svc.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| (p.port, p.protocol.clone().unwrap_or_else(|| "TCP".into())))
+        .collect()
+}
+
+/// The ingress IP of a LoadBalancer Service: the one it has, else the one it asks for
+/// (spec.loadBalancerIP: Services may share an address when their ports and protocols differ,
+/// e.g. DNS on 53/TCP and 53/UDP), else the lowest unused address of the pool.
+fn ingress_ip(
+    svc: &Service,
+    existing: Option<&Object>,
+    work: &BTreeMap<ObjectRef, Object>,
+    key: &ObjectRef,
+    pool: ipnet::Ipv4Net,
+) -> Result<Ipv4Addr, CpError> {
+    let mine = ports_of(svc);
+    let mut taken: BTreeMap<Ipv4Addr, BTreeSet<(i32, String)>> = BTreeMap::new();
+    for (_, other) in services_except(work, key) {
+        for ip in lb_ips(other) {
+            taken.entry(ip).or_default().extend(ports_of(other));
+        }
+    }
+    let clashes = |ip: &Ipv4Addr| taken.get(ip).is_some_and(|ports| !ports.is_disjoint(&mine));
+    let requested = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_ip.clone())
+        .filter(|s| !s.is_empty());
+    if let Some(req) = requested {
+        let field = "spec.loadBalancerIP";
+        let ip: Ipv4Addr = req
+            .parse()
+            .map_err(|_| invalid(key, field, format!("{req:?} is not an IPv4 address")))?;
+        if !pool.contains(&ip) {
+            return Err(invalid(
+                key,
+                field,
+                format!("{ip} is not in the lab's LoadBalancer pool {pool} (--lb-pool)"),
+            ));
+        }
+        if clashes(&ip) {
+            return Err(invalid(
+                key,
+                field,
+                format!("{ip} is used by another Service on the same port and protocol"),
+            ));
+        }
+        return Ok(ip);
+    }
+    if let Some(Object::Service(old)) = existing
+        && let Some(ip) = lb_ips(old).into_iter().next()
+        && pool.contains(&ip)
+        && !clashes(&ip)
+    {
+        return Ok(ip);
+    }
+    pool.hosts()
+        .find(|ip| !taken.contains_key(ip))
+        .ok_or_else(|| {
+            invalid(
+                key,
+                "status.loadBalancer",
+                format!("the LoadBalancer pool {pool} is exhausted"),
+            )
+        })
+}
+
+/// The LoadBalancer ingress IPs in a Service's status.
+pub fn lb_ips(svc: &Service) -> Vec<Ipv4Addr> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .collect()
 }
 
 /// Runs the endpointslice controller over `work` and folds its changes into the commit.
@@ -234,6 +336,7 @@ mod tests {
         cp.set_service_network(ServiceNet {
             cidr: "10.0.0.0/28".parse().unwrap(),
             reserved: vec!["10.0.0.10".parse().unwrap()],
+            lb_pool: Some("198.51.100.0/30".parse().unwrap()),
         });
         cp.apply(objects(
             "apiVersion: v1\nkind: Node\nmetadata: {name: node-0}\n",
@@ -333,6 +436,53 @@ mod tests {
         let udp = clash.replace("port: 80,", "port: 80, protocol: UDP,");
         cp.apply(objects(&udp)).unwrap();
         assert_eq!(port(&cp, "c"), 30001, "same number, other protocol");
+    }
+
+    #[test]
+    fn load_balancers_get_pool_addresses_and_may_share_one_across_protocols() {
+        let (_d, cp) = cp();
+        let lb = |name: &str, extra: &str| {
+            svc(name, ", type: LoadBalancer").replace("ports: [{port: 80}]", extra)
+        };
+        cp.apply(objects(&lb("a", "ports: [{port: 80}]"))).unwrap();
+        let ip_of = |cp: &ControlPlane, n: &str| lb_ips(&get_svc(cp, n));
+        assert_eq!(
+            ip_of(&cp, "a"),
+            vec!["198.51.100.1".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert!(
+            get_svc(&cp, "a").spec.unwrap().ports.unwrap()[0]
+                .node_port
+                .is_some()
+        );
+        cp.apply(objects(&lb("a", "ports: [{port: 80}]"))).unwrap();
+        assert_eq!(ip_of(&cp, "a").len(), 1, "kept on re-apply");
+        let dns = |name: &str, proto: &str| {
+            lb(
+                name,
+                &format!("loadBalancerIP: 198.51.100.2, ports: [{{port: 53, protocol: {proto}}}]"),
+            )
+        };
+        cp.apply(objects(&dns("dns-tcp", "TCP"))).unwrap();
+        cp.apply(objects(&dns("dns-udp", "UDP"))).unwrap();
+        assert_eq!(ip_of(&cp, "dns-tcp"), ip_of(&cp, "dns-udp"));
+        let e = cp
+            .apply(objects(&dns("dns-tcp2", "TCP")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spec.loadBalancerIP") && e.contains("same port"),
+            "{e}"
+        );
+        // /30 has two usable addresses, both taken now.
+        let e = cp
+            .apply(objects(&lb("c", "ports: [{port: 80}]")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exhausted"), "{e}");
+        // Turning it into a ClusterIP drops the ingress.
+        cp.apply(objects(&svc("a", ""))).unwrap();
+        assert!(ip_of(&cp, "a").is_empty());
     }
 
     #[test]
