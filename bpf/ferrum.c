@@ -415,6 +415,32 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrum_lb_rev SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_lb_maglev_key);
+	__type(value, struct ferrum_lb_maglev_chunk);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ferrum_lb_affinity_key);
+	__type(value, struct ferrum_lb_affinity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_lb_range_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_ranges SEC(".maps");
+
 static __always_inline int lb_proto(const struct flow *f)
 {
 	return f->has_ports && (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP);
@@ -533,21 +559,70 @@ static __always_inline int lb_reject(struct __sk_buff *skb, const struct ferrum_
 	return bpf_redirect_peer(client->ifindex, 0);
 }
 
-/* Picks a backend for a new flow; returns 0 and fills `out`, or -1 when there is none. */
-static __always_inline int lb_pick(const struct ferrum_lb_service *svc, struct ferrum_lb_backend *out)
+/* Picks a backend for a new flow: the client's affine backend while its affinity lasts, else
+ * by Maglev (hash of the flow into the frontend's table) or at random. Returns 0 and fills
+ * `out`, or -1 when there is none. */
+static __always_inline int lb_pick(const struct ferrum_lb_service *svc,
+				   const struct ferrum_nat_key *fwd, struct ferrum_lb_backend *out)
 {
 	struct ferrum_lb_backend_key bkey = {};
+	struct ferrum_lb_affinity_key akey = {};
+	struct ferrum_lb_affinity *aff, naff = {};
 	struct ferrum_lb_backend *b;
+	__u64 now = 0;
 
 	if (!svc->count)
 		return -1;
+	if (svc->affinity_timeout) {
+		now = bpf_ktime_get_ns();
+		akey.id = svc->id;
+		akey.client = fwd->addr_a;
+		aff = bpf_map_lookup_elem(&ferrum_lb_affinity, &akey);
+		if (aff && now - aff->last_ns < (__u64)svc->affinity_timeout * 1000000000ULL) {
+			out->addr = aff->backend_addr;
+			out->port = aff->backend_port;
+			aff->last_ns = now;
+			return 0;
+		}
+	}
 	bkey.id = svc->id;
-	bkey.slot = bpf_get_prandom_u32() % svc->count + 1;
+	if (svc->algorithm == FERRUM_LB_ALGO_MAGLEV) {
+		struct ferrum_lb_maglev_key mkey = {};
+		struct ferrum_lb_maglev_chunk *chunk;
+		__u32 h = flow_hash(fwd) % FERRUM_MAGLEV_SIZE;
+		mkey.id = svc->id;
+		mkey.chunk = h / FERRUM_MAGLEV_CHUNK;
+		chunk = bpf_map_lookup_elem(&ferrum_lb_maglev, &mkey);
+		if (!chunk)
+			return -1;
+		bkey.slot = chunk->slots[h & (FERRUM_MAGLEV_CHUNK - 1)];
+	} else {
+		bkey.slot = bpf_get_prandom_u32() % svc->count + 1;
+	}
 	b = bpf_map_lookup_elem(&ferrum_lb_backends, &bkey);
 	if (!b)
 		return -1;
 	*out = *b;
+	if (svc->affinity_timeout) {
+		naff.backend_addr = b->addr;
+		naff.backend_port = b->port;
+		naff.last_ns = now;
+		bpf_map_update_elem(&ferrum_lb_affinity, &akey, &naff, BPF_ANY);
+	}
 	return 0;
+}
+
+/* loadBalancerSourceRanges: is the client allowed to use this frontend? */
+static __always_inline int lb_source_allowed(const struct ferrum_lb_service *svc, __u32 saddr)
+{
+	struct ferrum_lb_range_key key = {};
+
+	if (!(svc->flags & FERRUM_LB_FLAG_SOURCE_RANGES))
+		return 1;
+	key.prefixlen = 64;
+	key.id = bpf_htonl(svc->id);
+	key.addr = saddr;
+	return bpf_map_lookup_elem(&ferrum_lb_ranges, &key) != NULL;
 }
 
 /* Reserves a source port on the node IP for a masqueraded external client: the reverse entry
@@ -602,6 +677,8 @@ static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferr
 	svc = bpf_map_lookup_elem(&ferrum_lb_services, &key);
 	if (!svc)
 		return LB_CONTINUE;
+	if (!lb_source_allowed(svc, f->saddr))
+		return drop(skb, FERRUM_DROP_LB_SOURCE_DENIED, f);
 
 	fwd.addr_a = f->saddr;
 	fwd.addr_b = f->daddr;
@@ -614,7 +691,7 @@ static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferr
 		backend.port = ct->backend_port;
 		newct = *ct;
 	} else {
-		if (lb_pick(svc, &backend) < 0)
+		if (lb_pick(svc, &fwd, &backend) < 0)
 			return lb_reject(skb, cfg, src_ep, f);
 		newct.backend_addr = backend.addr;
 		newct.backend_port = backend.port;

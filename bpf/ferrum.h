@@ -137,6 +137,7 @@ enum ferrum_reason {
 	FERRUM_DROP_REWRITE_FAILED = 9,
 	/* Service load balancing (codes 20..29). */
 	FERRUM_DROP_NO_BACKEND = 20, /* answered with ICMP port unreachable */
+	FERRUM_DROP_LB_SOURCE_DENIED = 21, /* not in loadBalancerSourceRanges */
 
 	FERRUM_TRACE_TO_ENDPOINT = 64,
 	FERRUM_TRACE_TO_OVERLAY = 65,
@@ -204,6 +205,38 @@ struct ferrum_lb_rev {
 /* The client is outside the cluster: replies leave through the uplink. */
 #define FERRUM_LB_REV_EXTERNAL (1U << 0)
 #define FERRUM_LB_REV_SIZE 16
+/* Maglev lookup tables, FERRUM_MAGLEV_SIZE entries per frontend stored in chunks of 64
+ * backend slots (crates/lb/src/maglev.rs builds them). */
+#define FERRUM_MAGLEV_SIZE 32749
+#define FERRUM_MAGLEV_CHUNK 64
+struct ferrum_lb_maglev_key {
+	__u32 id;
+	__u32 chunk;
+};
+struct ferrum_lb_maglev_chunk {
+	__u16 slots[FERRUM_MAGLEV_CHUNK];
+};
+#define FERRUM_LB_MAGLEV_VALUE_SIZE 128
+/* sessionAffinity ClientIP: (frontend id, client address) -> backend, last use. */
+struct ferrum_lb_affinity_key {
+	__u32 id;
+	__u32 client;
+};
+struct ferrum_lb_affinity {
+	__u32 backend_addr;
+	__u16 backend_port;
+	__u16 pad;
+	__u64 last_ns;
+};
+#define FERRUM_LB_AFFINITY_SIZE 16
+/* loadBalancerSourceRanges: LPM key over (frontend id, source address); prefixlen counts the
+ * 32 bits of the id plus the range's length. */
+struct ferrum_lb_range_key {
+	__u32 prefixlen;
+	__u32 id; /* network order, so the LPM compares it bytewise first */
+	__u32 addr;
+};
+
 /* The source a pod sees when it reaches itself through a Service (it would drop its own
  * address as a source). */
 #define FERRUM_HAIRPIN_ADDR_HOST 0xa9fe2a01 /* 169.254.42.1, host order */

@@ -69,6 +69,10 @@ pub struct Config {
     /// other flow and second), every-packet (debugging), off. Drops are always reported.
     #[arg(long, value_enum, default_value_t = FlowEventsArg::Sampled)]
     pub flow_events: FlowEventsArg,
+    /// Default Service load-balancing algorithm (a Service may override it with the
+    /// ferrum.io/lb-algorithm annotation).
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    pub lb_algorithm: LbAlgorithm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +88,21 @@ impl From<FlowEventsArg> for ferrum_datapath::bpf::FlowEvents {
             FlowEventsArg::Sampled => ferrum_datapath::bpf::FlowEvents::Sampled,
             FlowEventsArg::EveryPacket => ferrum_datapath::bpf::FlowEvents::EveryPacket,
             FlowEventsArg::Off => ferrum_datapath::bpf::FlowEvents::Off,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LbAlgorithm {
+    Random,
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub fn to_lb(self) -> ferrum_lb::Algorithm {
+        match self {
+            LbAlgorithm::Random => ferrum_lb::Algorithm::Random,
+            LbAlgorithm::Maglev => ferrum_lb::Algorithm::Maglev,
         }
     }
 }

@@ -195,6 +195,7 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
         name: config.node_name.clone(),
         ip: node_ip,
         cluster_cidr: config.cluster_pod_cidr,
+        lb_algorithm: config.lb_algorithm.to_lb(),
     };
     spawn("watch", {
         let state = Arc::clone(&state);

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use ferrum_datapath::bpf::{LbBackend, LbConntrack, LbFrontendKey, LbService};
+use ferrum_datapath::bpf::{LbBackend, LbConntrack, LbFrontendKey, LbService, MAGLEV_CHUNK};
 use ferrum_lb::alloc::IdAllocator;
 use ferrum_lb::{Algorithm, Cluster, Compiled, FrontendKey, Protocol, Scope};
 use ferrum_model::{Object, WatchEvent};
@@ -100,6 +100,10 @@ impl ServiceTable {
 pub struct LbState {
     pub services: BTreeMap<LbFrontendKey, LbService>,
     pub backends: BTreeMap<(u32, u32), LbBackend>,
+    /// Maglev tables: (frontend id, chunk) -> backend slots.
+    pub maglev: BTreeMap<(u32, u32), [u16; MAGLEV_CHUNK]>,
+    /// loadBalancerSourceRanges: (frontend id, network, prefix length).
+    pub ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
 }
 
 /// The kernel side of the load balancer.
@@ -111,6 +115,18 @@ pub trait LbDataplane {
     fn remove_lb_backend(&mut self, id: u32, slot: u32) -> anyhow::Result<()>;
     fn lb_conntrack(&mut self) -> anyhow::Result<Vec<LbConntrack>>;
     fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> anyhow::Result<()>;
+    fn upsert_lb_maglev(
+        &mut self,
+        id: u32,
+        chunk: u32,
+        slots: &[u16; MAGLEV_CHUNK],
+    ) -> anyhow::Result<()>;
+    fn remove_lb_maglev(&mut self, id: u32, chunk: u32) -> anyhow::Result<()>;
+    fn upsert_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()>;
+    fn remove_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()>;
+    /// Session affinity records: (frontend id, client, backend).
+    fn lb_affinity(&mut self) -> anyhow::Result<Vec<(u32, Ipv4Addr, LbBackend)>>;
+    fn remove_lb_affinity(&mut self, id: u32, client: Ipv4Addr) -> anyhow::Result<()>;
 }
 
 pub fn raw_key(k: &FrontendKey) -> LbFrontendKey {
@@ -150,6 +166,18 @@ pub fn desired_state(compiled: &Compiled, alloc: &mut IdAllocator) -> LbState {
                 affinity_timeout: fe.affinity_timeout.unwrap_or(0),
             },
         );
+        if fe.algorithm == Algorithm::Maglev {
+            let table = ferrum_lb::maglev::table(backends, ferrum_lb::maglev::TABLE_SIZE);
+            for (chunk, slots) in ferrum_lb::maglev::chunks(&table).into_iter().enumerate() {
+                state.maglev.insert((id, chunk as u32), slots);
+            }
+        }
+        for (addr, len) in &fe.source_ranges {
+            let net = ipnet::Ipv4Net::new(*addr, *len)
+                .map(|n| n.network())
+                .unwrap_or(*addr);
+            state.ranges.insert((id, net, *len));
+        }
         for (i, b) in backends.iter().enumerate() {
             state.backends.insert(
                 (id, i as u32 + 1),
@@ -223,6 +251,16 @@ fn apply_diff<D: LbDataplane>(
             stats.writes += 1;
         }
     }
+    for (k, slots) in &desired.maglev {
+        if actual.maglev.get(k) != Some(slots) {
+            dp.upsert_lb_maglev(k.0, k.1, slots)?;
+            stats.writes += 1;
+        }
+    }
+    for r in desired.ranges.difference(&actual.ranges) {
+        dp.upsert_lb_range(r.0, r.1, r.2)?;
+        stats.writes += 1;
+    }
     for (key, svc) in &desired.services {
         if actual.services.get(key) != Some(svc) {
             dp.upsert_lb_service(key, svc)?;
@@ -232,6 +270,16 @@ fn apply_diff<D: LbDataplane>(
     for key in actual.services.keys() {
         if !desired.services.contains_key(key) {
             dp.remove_lb_service(key)?;
+            stats.removes += 1;
+        }
+    }
+    for r in actual.ranges.difference(&desired.ranges) {
+        dp.remove_lb_range(r.0, r.1, r.2)?;
+        stats.removes += 1;
+    }
+    for k in actual.maglev.keys() {
+        if !desired.maglev.contains_key(k) {
+            dp.remove_lb_maglev(k.0, k.1)?;
             stats.removes += 1;
         }
     }
@@ -258,6 +306,11 @@ fn apply_diff<D: LbDataplane>(
             if !live.contains(&(ct.id, b)) {
                 dp.remove_lb_conntrack(&ct)?;
                 stats.purged_flows += 1;
+            }
+        }
+        for (id, client, b) in dp.lb_affinity()? {
+            if !live.contains(&(id, b)) {
+                dp.remove_lb_affinity(id, client)?;
             }
         }
     }
@@ -307,6 +360,33 @@ mod tests {
         }
         fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> anyhow::Result<()> {
             self.ct.retain(|c| c != ct);
+            Ok(())
+        }
+        fn upsert_lb_maglev(
+            &mut self,
+            id: u32,
+            chunk: u32,
+            slots: &[u16; MAGLEV_CHUNK],
+        ) -> anyhow::Result<()> {
+            self.state.maglev.insert((id, chunk), *slots);
+            Ok(())
+        }
+        fn remove_lb_maglev(&mut self, id: u32, chunk: u32) -> anyhow::Result<()> {
+            self.state.maglev.remove(&(id, chunk));
+            Ok(())
+        }
+        fn upsert_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
+            self.state.ranges.insert((id, addr, len));
+            Ok(())
+        }
+        fn remove_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
+            self.state.ranges.remove(&(id, addr, len));
+            Ok(())
+        }
+        fn lb_affinity(&mut self) -> anyhow::Result<Vec<(u32, Ipv4Addr, LbBackend)>> {
+            Ok(vec![])
+        }
+        fn remove_lb_affinity(&mut self, _: u32, _: Ipv4Addr) -> anyhow::Result<()> {
             Ok(())
         }
     }
@@ -398,6 +478,32 @@ mod tests {
     }
 
     #[test]
+    fn maglev_tables_and_source_ranges_come_and_go_with_their_frontend() {
+        let mut c = compiled(&["10.244.0.5", "10.244.1.6"]);
+        for fe in c.frontends.values_mut() {
+            fe.algorithm = Algorithm::Maglev;
+            fe.source_ranges = vec![("203.0.113.7".parse().unwrap(), 24)];
+        }
+        let mut dp = MemLb::default();
+        let mut r = LbReconciler::default();
+        r.reconcile(&mut dp, &c).unwrap();
+        let chunks = (ferrum_lb::maglev::TABLE_SIZE as usize).div_ceil(MAGLEV_CHUNK);
+        assert_eq!(dp.state.maglev.len(), chunks);
+        let slots: Vec<u16> = dp.state.maglev.values().flatten().copied().collect();
+        // Every table entry names slot 1 or 2; only the last chunk's tail is unused (0).
+        assert_eq!(
+            slots.iter().filter(|s| **s == 1 || **s == 2).count(),
+            ferrum_lb::maglev::TABLE_SIZE as usize
+        );
+        assert_eq!(
+            dp.state.ranges,
+            [(1, "203.0.113.0".parse().unwrap(), 24)].into()
+        );
+        r.reconcile(&mut dp, &Compiled::default()).unwrap();
+        assert_eq!(dp.state, LbState::default(), "everything removed");
+    }
+
+    #[test]
     fn table_follows_relists() {
         let svc: Service = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "default"},
@@ -438,7 +544,40 @@ impl LbDataplane for crate::kernel::KernelDataplane {
                 .datapath
                 .lb_backends()
                 .context("reading the LB backends map")?,
+            maglev: self
+                .datapath
+                .lb_maglev()
+                .context("reading the Maglev tables")?,
+            ranges: self
+                .datapath
+                .lb_ranges()
+                .context("reading the LB source ranges")?
+                .into_iter()
+                .collect(),
         })
+    }
+    fn upsert_lb_maglev(
+        &mut self,
+        id: u32,
+        chunk: u32,
+        slots: &[u16; MAGLEV_CHUNK],
+    ) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_maglev(id, chunk, slots)?)
+    }
+    fn remove_lb_maglev(&mut self, id: u32, chunk: u32) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_maglev(id, chunk)?)
+    }
+    fn upsert_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_range(id, addr, len)?)
+    }
+    fn remove_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_range(id, addr, len)?)
+    }
+    fn lb_affinity(&mut self) -> anyhow::Result<Vec<(u32, Ipv4Addr, LbBackend)>> {
+        Ok(self.datapath.lb_affinity()?)
+    }
+    fn remove_lb_affinity(&mut self, id: u32, client: Ipv4Addr) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_affinity(id, client)?)
     }
     fn upsert_lb_service(&mut self, key: &LbFrontendKey, svc: &LbService) -> anyhow::Result<()> {
         Ok(self.datapath.upsert_lb_service(key, svc)?)

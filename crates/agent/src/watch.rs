@@ -68,6 +68,8 @@ pub struct NodeIdentity {
     pub name: String,
     pub ip: Ipv4Addr,
     pub cluster_cidr: Ipv4Net,
+    /// The cluster's default load-balancing algorithm.
+    pub lb_algorithm: ferrum_lb::Algorithm,
 }
 
 /// This node's block from its Node object, validated against the cluster CIDR.
@@ -154,7 +156,7 @@ pub fn realize_services<D: crate::services::LbDataplane>(
     }
     let started = std::time::Instant::now();
     let node_ips = nodes.values().filter_map(|n| n.internal_ip).collect();
-    let compiled = services.compile(&id.name, id.ip, node_ips, ferrum_lb::Algorithm::Random);
+    let compiled = services.compile(&id.name, id.ip, node_ips, id.lb_algorithm);
     for w in &compiled.warnings {
         tracing::warn!("services: {w}");
     }
@@ -274,6 +276,7 @@ mod tests {
             name: "a".into(),
             ip: "10.224.0.4".parse().unwrap(),
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            lb_algorithm: ferrum_lb::Algorithm::Random,
         }
     }
 

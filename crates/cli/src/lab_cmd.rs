@@ -51,6 +51,10 @@ pub struct UpArgs {
     /// Pool of LoadBalancer ingress IPs (routed by the fabric to the nodes).
     #[arg(long, default_value = "198.51.100.0/24")]
     pub lb_pool: String,
+    /// Default Service load-balancing algorithm: random or maglev (per Service: annotation
+    /// ferrum.io/lb-algorithm).
+    #[arg(long, default_value = "random")]
+    pub lb_algorithm: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -89,6 +93,7 @@ impl UpArgs {
                 .map(|s| np::parse_cidr("pod-subnet", s))
                 .transpose()?,
             lb_pool: np::parse_cidr("lb-pool", &self.lb_pool)?,
+            lb_algorithm: self.lb_algorithm.clone(),
         };
         profile.validate()?;
         Ok(profile)

@@ -13,7 +13,8 @@ use bpf_support::{Netns, PinDir, ifindex};
 use ferrum_datapath::bpf::packet::{self, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ferrum_datapath::bpf::{
     Datapath, EndpointInfo, EventKind, EventReader, IpcacheEntry, LbBackend, LbFrontendKey,
-    LbService, NodeConfig, PeerKind, Program, Reason, TC_ACT_OK, TC_ACT_REDIRECT,
+    LbService, MAGLEV_CHUNK, MAGLEV_SIZE, NodeConfig, PeerKind, Program, Reason, TC_ACT_OK,
+    TC_ACT_REDIRECT,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 10);
@@ -503,5 +504,176 @@ fn external_client_without_backend_is_refused_and_other_uplink_traffic_is_untouc
     );
     let out = f.dp.test_run(Program::FromUplink, &other, f.veth_b, 1)?;
     assert_eq!((out.retval, out.frame), (TC_ACT_OK, other));
+    Ok(())
+}
+
+fn backends_n(n: u8) -> Vec<SocketAddrV4> {
+    (0..n)
+        .map(|i| sa(Ipv4Addr::new(10, 1, 1, 10 + i), 8080))
+        .collect()
+}
+
+fn install_maglev(f: &mut Fixture, id: u32, backends: &[SocketAddrV4]) -> Result<()> {
+    let lb: Vec<ferrum_lb::Backend> = backends
+        .iter()
+        .map(|b| ferrum_lb::Backend {
+            addr: *b.ip(),
+            port: b.port(),
+        })
+        .collect();
+    let table = ferrum_lb::maglev::table(&lb, ferrum_lb::maglev::TABLE_SIZE);
+    for (i, chunk) in ferrum_lb::maglev::chunks(&table).iter().enumerate() {
+        f.dp.upsert_lb_maglev(id, i as u32, chunk)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn maglev_picks_by_flow_hash_so_a_flow_maps_to_the_same_backend_without_conntrack() -> Result<()> {
+    let mut f = fixture()?;
+    let backends = backends_n(4);
+    let key = internal(80, PROTO_TCP);
+    f.service(key, 3, &backends)?;
+    f.dp.upsert_lb_service(
+        &key,
+        &LbService {
+            id: 3,
+            count: 4,
+            maglev: true,
+            ..LbService::default()
+        },
+    )?;
+    install_maglev(&mut f, 3, &backends)?;
+    let mut seen = BTreeSet::new();
+    for sport in 42000..42040 {
+        let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
+        let first = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        // Forget the connection: Maglev alone must send the flow to the same backend.
+        for ct in f.dp.lb_conntrack()? {
+            f.dp.remove_lb_conntrack(&ct)?;
+        }
+        let again = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        assert_eq!(
+            (first.dst, first.dport),
+            (again.dst, again.dport),
+            "sport {sport}"
+        );
+        seen.insert(sa(first.dst, first.dport));
+    }
+    assert_eq!(
+        seen.len(),
+        4,
+        "40 flows spread over the 4 backends: {seen:?}"
+    );
+
+    // The table decides: point every entry at slot 2 and every new flow goes there.
+    for chunk in 0..(MAGLEV_SIZE as usize).div_ceil(MAGLEV_CHUNK) {
+        f.dp.upsert_lb_maglev(3, chunk as u32, &[2; MAGLEV_CHUNK])?;
+    }
+    for sport in 43000..43010 {
+        let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
+        let p = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        assert_eq!(sa(p.dst, p.dport), backends[1]);
+    }
+    Ok(())
+}
+
+#[test]
+fn session_affinity_sends_every_new_flow_of_a_client_to_the_same_backend() -> Result<()> {
+    let mut f = fixture()?;
+    let backends = backends_n(4);
+    let key = internal(80, PROTO_TCP);
+    f.service(key, 5, &backends)?;
+    f.dp.upsert_lb_service(
+        &key,
+        &LbService {
+            id: 5,
+            count: 4,
+            affinity_timeout: 60,
+            ..LbService::default()
+        },
+    )?;
+    let mut seen = BTreeSet::new();
+    for sport in 44000..44020 {
+        let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
+        let p = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        seen.insert(sa(p.dst, p.dport));
+    }
+    assert_eq!(seen.len(), 1, "20 connections of one client: {seen:?}");
+    let aff = f.dp.lb_affinity()?;
+    assert_eq!(aff.len(), 1);
+    assert_eq!((aff[0].0, aff[0].1), (5, POD_A));
+    // Without the affinity record (expired or purged), new flows spread again.
+    f.dp.remove_lb_affinity(5, POD_A)?;
+    f.dp.upsert_lb_service(
+        &key,
+        &LbService {
+            id: 5,
+            count: 4,
+            ..LbService::default()
+        },
+    )?;
+    let mut seen = BTreeSet::new();
+    for sport in 45000..45040 {
+        let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
+        let p = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        seen.insert(sa(p.dst, p.dport));
+    }
+    assert!(seen.len() > 1);
+    Ok(())
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
+    let mut f = fixture()?;
+    let key = LbFrontendKey {
+        addr: Ipv4Addr::new(198, 51, 100, 1),
+        port: 80,
+        proto: PROTO_TCP,
+        scope: 1,
+    };
+    f.service(key, 6, &[sa(POD_B, 8080)])?;
+    f.dp.upsert_lb_service(
+        &key,
+        &LbService {
+            id: 6,
+            count: 1,
+            source_ranges: true,
+            ..LbService::default()
+        },
+    )?;
+    f.dp.upsert_lb_range(6, Ipv4Addr::new(203, 0, 113, 0), 24)?;
+    // Another frontend's range must not admit anyone here.
+    f.dp.upsert_lb_range(7, Ipv4Addr::new(192, 0, 2, 0), 24)?;
+    assert_eq!(
+        f.dp.lb_ranges()?,
+        vec![
+            (6, Ipv4Addr::new(203, 0, 113, 0), 24),
+            (7, Ipv4Addr::new(192, 0, 2, 0), 24)
+        ]
+    );
+    let allowed = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(EXTERNAL, 50000),
+        sa(key.addr, 80),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &allowed, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    assert_eq!(packet::parse(&out.frame)?.dst, POD_B);
+    let denied = packet::tcp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(Ipv4Addr::new(192, 0, 2, 7), 50000),
+        sa(key.addr, 80),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &denied, f.veth_b, 1)?;
+    assert_eq!(out.retval, ferrum_datapath::bpf::TC_ACT_SHOT);
+    assert!(
+        f.reasons()
+            .contains(&(EventKind::Drop, Reason::LbSourceDenied))
+    );
     Ok(())
 }

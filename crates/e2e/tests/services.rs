@@ -344,3 +344,79 @@ fn node_ports_and_load_balancers_from_the_external_host_with_both_traffic_polici
     assert_eq!(kind, ErrorKind::ConnectionRefused);
     Ok(())
 }
+
+#[test]
+fn affinity_maglev_selectorless_headless_and_source_ranges() -> Result<()> {
+    let lab = Lab::up(2, &[])?;
+    let svc = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  selector: {{app: web}}\n  \
+             ports:\n  - {{port: 80, targetPort: 8080}}\n{extra}"
+        )
+    };
+    let yaml = [
+        backend("a", "node-0", "web"),
+        backend("b", "node-1", "web"),
+        backend("client", "node-0", "client"),
+        svc("sticky", "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}\n"),
+        svc("maglev", "").replace("metadata: {name: maglev}", "metadata: {name: maglev, annotations: {ferrum.io/lb-algorithm: maglev}}"),
+        svc("headless", "  clusterIP: None\n"),
+        svc("open", "  type: LoadBalancer\n  loadBalancerSourceRanges: [203.0.113.0/24]\n"),
+        svc("closed", "  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.0/24]\n"),
+    ]
+    .join("---\n");
+    lab.apply(&yaml)?;
+    let client = lab.pod_netns("default", "client")?;
+
+    // sessionAffinity ClientIP: every connection of the client lands on one backend.
+    let sticky = cluster_ip(&lab, "sticky")?;
+    eventually("sticky answers", || tcp_read(&client, sticky, 80))?;
+    let seen = tally(16, || tcp_read(&client, sticky, 80))?;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+
+    // Maglev (chosen per Service): spreads flows over both backends.
+    let maglev = cluster_ip(&lab, "maglev")?;
+    eventually("maglev reaches both", || {
+        let seen = tally(16, || tcp_read(&client, maglev, 80))?;
+        if seen.len() == 2 {
+            Ok(())
+        } else {
+            bail!("{seen:?}")
+        }
+    })?;
+
+    // Headless: no virtual IP.
+    assert_eq!(service_json(&lab, "headless")?["spec"]["clusterIP"], "None");
+
+    // A Service without selector, backed by a hand-written EndpointSlice.
+    let a_ip = lab.pod_ip("default", "a")?;
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: manual}}\nspec:\n  ports:\n  - {{port: 80}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: manual-1\n  labels: {{kubernetes.io/service-name: manual}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [\"{a_ip}\"]}}]\n"
+    ))?;
+    let manual = cluster_ip(&lab, "manual")?;
+    assert_eq!(
+        eventually("manual slice", || tcp_read(&client, manual, 80))?,
+        "a"
+    );
+
+    // loadBalancerSourceRanges: the external host is admitted by one Service, not the other.
+    let ext = lab.external_netns();
+    let lb_ip = |name: &str| -> Result<Ipv4Addr> {
+        Ok(
+            service_json(&lab, name)?["status"]["loadBalancer"]["ingress"][0]["ip"]
+                .as_str()
+                .context("ingress ip")?
+                .parse()?,
+        )
+    };
+    let open = lb_ip("open")?;
+    eventually("open LB", || tcp_read(&ext, open, 80))?;
+    let closed = lb_ip("closed")?;
+    let refused = run_in_netns(&ext, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((closed, 80)), Duration::from_secs(1)).is_err()
+    })?;
+    assert!(refused, "a client outside loadBalancerSourceRanges got in");
+    Ok(())
+}

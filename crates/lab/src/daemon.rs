@@ -413,6 +413,8 @@ impl AgentSupervisor {
             .arg(self.profile.pod_cidr.to_string())
             .arg("--max-pods")
             .arg(self.profile.max_pods.to_string())
+            .arg("--lb-algorithm")
+            .arg(&self.profile.lb_algorithm)
             .arg("--log-format")
             .arg("json")
             .stdin(Stdio::null())

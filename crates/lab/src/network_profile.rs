@@ -91,6 +91,14 @@ pub struct NetworkProfile {
     /// routes to the nodes).
     #[serde(default = "default_lb_pool")]
     pub lb_pool: Ipv4Net,
+    /// The cluster's default Service load-balancing algorithm: random or maglev (a Service
+    /// may choose its own with the ferrum.io/lb-algorithm annotation).
+    #[serde(default = "default_lb_algorithm")]
+    pub lb_algorithm: String,
+}
+
+pub fn default_lb_algorithm() -> String {
+    "random".into()
 }
 
 /// TEST-NET-2: public-looking, and outside every other lab range.
@@ -117,6 +125,7 @@ impl Default for NetworkProfile {
             node_subnet: net("10.224.0.0/16"),
             pod_subnet: None,
             lb_pool: default_lb_pool(),
+            lb_algorithm: default_lb_algorithm(),
         }
     }
 }
@@ -273,6 +282,15 @@ impl NetworkProfile {
                     format!("{} overlaps the {option} {cidr}", self.lb_pool),
                 ));
             }
+        }
+        if !matches!(self.lb_algorithm.as_str(), "random" | "maglev") {
+            return Err(invalid(
+                "lb-algorithm",
+                format!(
+                    "{:?} is not an algorithm; use random or maglev",
+                    self.lb_algorithm
+                ),
+            ));
         }
         if self.lb_pool.trunc() != self.lb_pool {
             return Err(invalid(

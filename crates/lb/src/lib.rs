@@ -11,6 +11,7 @@
 //! choice to endpoints on this node, with the same terminating fallback among local ones.
 
 pub mod alloc;
+pub mod maglev;
 
 use std::collections::BTreeMap;
 use std::fmt;

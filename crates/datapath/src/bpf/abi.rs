@@ -149,6 +149,47 @@ pub(crate) struct RawLbRev {
     pub flags: u32,
 }
 
+/// `struct ferrum_lb_maglev_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct RawLbMaglevKey {
+    pub id: u32,
+    pub chunk: u32,
+}
+
+/// `struct ferrum_lb_maglev_chunk`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RawLbMaglevChunk {
+    pub slots: [u16; 64],
+}
+
+/// `struct ferrum_lb_affinity_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct RawLbAffinityKey {
+    pub id: u32,
+    pub client: u32,
+}
+
+/// `struct ferrum_lb_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawLbAffinity {
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub pad: u16,
+    pub last_ns: u64,
+}
+
+/// `struct ferrum_lb_range_key` without its prefixlen (aya's `lpm_trie::Key` adds it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct RawLbRangeData {
+    pub id_be: u32,
+    pub addr: u32,
+}
+
 // SAFETY: plain old data, no padding the kernel could leave uninitialised that we rely on.
 unsafe impl aya::Pod for RawConfig {}
 unsafe impl aya::Pod for RawEndpoint {}
@@ -162,6 +203,11 @@ unsafe impl aya::Pod for RawLbBackendKey {}
 unsafe impl aya::Pod for RawLbBackend {}
 unsafe impl aya::Pod for RawLbCt {}
 unsafe impl aya::Pod for RawLbRev {}
+unsafe impl aya::Pod for RawLbMaglevKey {}
+unsafe impl aya::Pod for RawLbMaglevChunk {}
+unsafe impl aya::Pod for RawLbAffinityKey {}
+unsafe impl aya::Pod for RawLbAffinity {}
+unsafe impl aya::Pod for RawLbRangeData {}
 
 pub(crate) const CONFIG_SIZE: usize = 40;
 pub(crate) const ENDPOINT_SIZE: usize = 20;
@@ -193,6 +239,16 @@ const _: () = assert!(size_of::<RawLbBackendKey>() == LB_BACKEND_KEY_SIZE);
 const _: () = assert!(size_of::<RawLbBackend>() == LB_BACKEND_SIZE);
 const _: () = assert!(size_of::<RawLbCt>() == LB_CT_SIZE);
 const _: () = assert!(size_of::<RawLbRev>() == LB_REV_SIZE);
+pub(crate) const LB_MAGLEV_KEY_SIZE: usize = 8;
+pub(crate) const LB_MAGLEV_VALUE_SIZE: usize = 128;
+pub(crate) const LB_AFFINITY_KEY_SIZE: usize = 8;
+pub(crate) const LB_AFFINITY_SIZE: usize = 16;
+pub(crate) const LB_RANGE_KEY_SIZE: usize = 12;
+const _: () = assert!(size_of::<RawLbMaglevKey>() == LB_MAGLEV_KEY_SIZE);
+const _: () = assert!(size_of::<RawLbMaglevChunk>() == LB_MAGLEV_VALUE_SIZE);
+const _: () = assert!(size_of::<RawLbAffinityKey>() == LB_AFFINITY_KEY_SIZE);
+const _: () = assert!(size_of::<RawLbAffinity>() == LB_AFFINITY_SIZE);
+const _: () = assert!(size_of::<aya::maps::lpm_trie::Key<RawLbRangeData>>() == LB_RANGE_KEY_SIZE);
 
 /// Converts an address to the network-order `u32` the programs compare against.
 pub(crate) fn addr_to_raw(addr: std::net::Ipv4Addr) -> u32 {

@@ -24,6 +24,8 @@ pub enum Reason {
     RewriteFailed,
     /// A Service had no usable backend; the client got an ICMP port unreachable.
     NoBackend,
+    /// The client is not in the Service's loadBalancerSourceRanges.
+    LbSourceDenied,
     ToEndpoint,
     ToOverlay,
     ToStack,
@@ -37,7 +39,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::SpoofedIp,
         Reason::SpoofedMac,
         Reason::UnsupportedL3,
@@ -54,6 +56,7 @@ impl Reason {
         Reason::Snat,
         Reason::RevSnat,
         Reason::NoBackend,
+        Reason::LbSourceDenied,
         Reason::LbDnat,
         Reason::LbRevDnat,
     ];
@@ -76,6 +79,7 @@ impl Reason {
             Reason::Snat => 68,
             Reason::RevSnat => 69,
             Reason::NoBackend => 20,
+            Reason::LbSourceDenied => 21,
             Reason::LbDnat => 80,
             Reason::LbRevDnat => 81,
             Reason::Unknown(code) => *code,
@@ -107,6 +111,7 @@ impl Reason {
             Reason::Snat => "SNAT",
             Reason::RevSnat => "REV_SNAT",
             Reason::NoBackend => "NO_BACKEND",
+            Reason::LbSourceDenied => "LB_SOURCE_DENIED",
             Reason::LbDnat => "LB_DNAT",
             Reason::LbRevDnat => "LB_REV_DNAT",
             Reason::Unknown(_) => "UNKNOWN",

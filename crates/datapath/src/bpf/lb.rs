@@ -6,14 +6,23 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{HashMap, MapError};
 
+use aya::maps::LpmTrie;
+use aya::maps::lpm_trie::Key as LpmKey;
+
 use super::abi::{
-    RawLbBackend, RawLbBackendKey, RawLbCt, RawLbKey, RawLbRev, RawLbService, RawNatKey,
+    RawLbAffinity, RawLbAffinityKey, RawLbBackend, RawLbBackendKey, RawLbCt, RawLbKey,
+    RawLbMaglevChunk, RawLbMaglevKey, RawLbRangeData, RawLbRev, RawLbService, RawNatKey,
     addr_from_raw, addr_to_raw, port_from_raw,
 };
 use super::{
-    Datapath, DatapathError, MAP_LB_BACKENDS, MAP_LB_CT, MAP_LB_REV, MAP_LB_SERVICES,
-    ignore_missing, map_op_err,
+    Datapath, DatapathError, MAP_LB_AFFINITY, MAP_LB_BACKENDS, MAP_LB_CT, MAP_LB_MAGLEV,
+    MAP_LB_RANGES, MAP_LB_REV, MAP_LB_SERVICES, ignore_missing, map_op_err,
 };
+
+/// Backend slots per Maglev chunk (bpf/ferrum.h FERRUM_MAGLEV_CHUNK).
+pub const MAGLEV_CHUNK: usize = 64;
+/// Entries of a Maglev table (bpf/ferrum.h FERRUM_MAGLEV_SIZE).
+pub const MAGLEV_SIZE: u32 = 32749;
 
 const FLAG_MASQUERADE: u8 = 1;
 const FLAG_SOURCE_RANGES: u8 = 2;
@@ -273,5 +282,143 @@ impl Datapath {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_op_err(MAP_LB_REV, "look up")(e)),
         }
+    }
+
+    /// Maglev table chunks: (frontend id, chunk) -> 64 backend slots.
+    pub fn lb_maglev(&self) -> Result<BTreeMap<(u32, u32), [u16; MAGLEV_CHUNK]>, DatapathError> {
+        let map: HashMap<_, RawLbMaglevKey, RawLbMaglevChunk> =
+            HashMap::try_from(self.map(MAP_LB_MAGLEV)?)
+                .map_err(map_op_err(MAP_LB_MAGLEV, "open"))?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(map_op_err(MAP_LB_MAGLEV, "iterate"))?;
+            out.insert((k.id, k.chunk), v.slots);
+        }
+        Ok(out)
+    }
+
+    pub fn upsert_lb_maglev(
+        &mut self,
+        id: u32,
+        chunk: u32,
+        slots: &[u16; MAGLEV_CHUNK],
+    ) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, RawLbMaglevKey, RawLbMaglevChunk> =
+            HashMap::try_from(self.map_mut(MAP_LB_MAGLEV)?)
+                .map_err(map_op_err(MAP_LB_MAGLEV, "open"))?;
+        map.insert(
+            RawLbMaglevKey { id, chunk },
+            RawLbMaglevChunk { slots: *slots },
+            0,
+        )
+        .map_err(map_op_err(
+            MAP_LB_MAGLEV,
+            format!("insert frontend {id} chunk {chunk}"),
+        ))
+    }
+
+    /// Ok if absent.
+    pub fn remove_lb_maglev(&mut self, id: u32, chunk: u32) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, RawLbMaglevKey, RawLbMaglevChunk> =
+            HashMap::try_from(self.map_mut(MAP_LB_MAGLEV)?)
+                .map_err(map_op_err(MAP_LB_MAGLEV, "open"))?;
+        ignore_missing(map.remove(&RawLbMaglevKey { id, chunk })).map_err(map_op_err(
+            MAP_LB_MAGLEV,
+            format!("remove frontend {id} chunk {chunk}"),
+        ))
+    }
+
+    /// Session affinity entries: (frontend id, client) -> backend.
+    pub fn lb_affinity(&self) -> Result<Vec<(u32, Ipv4Addr, LbBackend)>, DatapathError> {
+        let map: HashMap<_, RawLbAffinityKey, RawLbAffinity> =
+            HashMap::try_from(self.map(MAP_LB_AFFINITY)?)
+                .map_err(map_op_err(MAP_LB_AFFINITY, "open"))?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(map_op_err(MAP_LB_AFFINITY, "iterate"))?;
+            out.push((
+                k.id,
+                addr_from_raw(k.client),
+                LbBackend {
+                    addr: addr_from_raw(v.backend_addr),
+                    port: port_from_raw(v.backend_port),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Ok if absent.
+    pub fn remove_lb_affinity(&mut self, id: u32, client: Ipv4Addr) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, RawLbAffinityKey, RawLbAffinity> =
+            HashMap::try_from(self.map_mut(MAP_LB_AFFINITY)?)
+                .map_err(map_op_err(MAP_LB_AFFINITY, "open"))?;
+        let key = RawLbAffinityKey {
+            id,
+            client: addr_to_raw(client),
+        };
+        ignore_missing(map.remove(&key))
+            .map_err(map_op_err(MAP_LB_AFFINITY, format!("remove {id}/{client}")))
+    }
+
+    /// loadBalancerSourceRanges entries: (frontend id, network address, prefix length).
+    pub fn lb_ranges(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, DatapathError> {
+        let trie: LpmTrie<_, RawLbRangeData, u32> = LpmTrie::try_from(self.map(MAP_LB_RANGES)?)
+            .map_err(map_op_err(MAP_LB_RANGES, "open"))?;
+        let mut out = Vec::new();
+        for item in trie.iter() {
+            let (k, _) = item.map_err(map_op_err(MAP_LB_RANGES, "iterate"))?;
+            let data = k.data();
+            let len = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
+            out.push((u32::from_be(data.id_be), addr_from_raw(data.addr), len));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn range_key(id: u32, addr: Ipv4Addr, len: u8) -> LpmKey<RawLbRangeData> {
+        let net = u32::from(addr)
+            & u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+        LpmKey::new(
+            32 + u32::from(len.min(32)),
+            RawLbRangeData {
+                id_be: id.to_be(),
+                addr: addr_to_raw(Ipv4Addr::from(net)),
+            },
+        )
+    }
+
+    pub fn upsert_lb_range(
+        &mut self,
+        id: u32,
+        addr: Ipv4Addr,
+        len: u8,
+    ) -> Result<(), DatapathError> {
+        let mut trie: LpmTrie<_, RawLbRangeData, u32> =
+            LpmTrie::try_from(self.map_mut(MAP_LB_RANGES)?)
+                .map_err(map_op_err(MAP_LB_RANGES, "open"))?;
+        trie.insert(&Self::range_key(id, addr, len), 1, 0)
+            .map_err(map_op_err(
+                MAP_LB_RANGES,
+                format!("insert {id} {addr}/{len}"),
+            ))
+    }
+
+    /// Ok if absent.
+    pub fn remove_lb_range(
+        &mut self,
+        id: u32,
+        addr: Ipv4Addr,
+        len: u8,
+    ) -> Result<(), DatapathError> {
+        let mut trie: LpmTrie<_, RawLbRangeData, u32> =
+            LpmTrie::try_from(self.map_mut(MAP_LB_RANGES)?)
+                .map_err(map_op_err(MAP_LB_RANGES, "open"))?;
+        ignore_missing(trie.remove(&Self::range_key(id, addr, len))).map_err(map_op_err(
+            MAP_LB_RANGES,
+            format!("remove {id} {addr}/{len}"),
+        ))
     }
 }

@@ -30,7 +30,7 @@ use abi::{
     RawIpcacheValue, RawNatKey, RawNatValue, addr_from_raw, addr_to_raw, port_from_raw,
 };
 pub use events::{Event, EventKind, EventReader, Reason};
-pub use lb::{LbBackend, LbConntrack, LbFrontendKey, LbService};
+pub use lb::{LbBackend, LbConntrack, LbFrontendKey, LbService, MAGLEV_CHUNK, MAGLEV_SIZE};
 
 /// tc verdicts returned by the programs (linux/pkt_cls.h).
 pub const TC_ACT_OK: i32 = 0;
@@ -53,9 +53,12 @@ pub(crate) const MAP_LB_SERVICES: &str = "ferrum_lb_services";
 pub(crate) const MAP_LB_BACKENDS: &str = "ferrum_lb_backends";
 pub(crate) const MAP_LB_CT: &str = "ferrum_lb_ct";
 pub(crate) const MAP_LB_REV: &str = "ferrum_lb_rev";
+pub(crate) const MAP_LB_MAGLEV: &str = "ferrum_lb_maglev";
+pub(crate) const MAP_LB_AFFINITY: &str = "ferrum_lb_affinity";
+pub(crate) const MAP_LB_RANGES: &str = "ferrum_lb_ranges";
 
 /// (map, key size, value size) of every pinned map, to refuse pins left by an incompatible build.
-const MAP_LAYOUTS: [(&str, usize, usize); 10] = [
+const MAP_LAYOUTS: [(&str, usize, usize); 13] = [
     (MAP_FLOW_AGG, 4, FLOW_SLOT_SIZE),
     (MAP_CONFIG, 4, CONFIG_SIZE),
     (MAP_ENDPOINTS, 4, ENDPOINT_SIZE),
@@ -70,6 +73,17 @@ const MAP_LAYOUTS: [(&str, usize, usize); 10] = [
     ),
     (MAP_LB_CT, NAT_KEY_SIZE, abi::LB_CT_SIZE),
     (MAP_LB_REV, NAT_KEY_SIZE, abi::LB_REV_SIZE),
+    (
+        MAP_LB_MAGLEV,
+        abi::LB_MAGLEV_KEY_SIZE,
+        abi::LB_MAGLEV_VALUE_SIZE,
+    ),
+    (
+        MAP_LB_AFFINITY,
+        abi::LB_AFFINITY_KEY_SIZE,
+        abi::LB_AFFINITY_SIZE,
+    ),
+    (MAP_LB_RANGES, abi::LB_RANGE_KEY_SIZE, 4),
 ];
 
 /// aya parses ELF in place and wants it 8-byte aligned; include_bytes! only guarantees 1.
