@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 mod lab_cmd;
 mod objects_cmd;
 mod observe_cmd;
+mod service_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,11 @@ enum Command {
     Exec(lab_cmd::ExecArgs),
     /// Show flows from every node, merged by time (filters, --follow, -o compact|json|table).
     Observe(observe_cmd::ObserveArgs),
+    /// Explain Service load balancing (`service trace`).
+    Service {
+        #[command(subcommand)]
+        command: service_cmd::ServiceCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -80,6 +86,7 @@ fn main() {
         Command::Get(a) => objects_cmd::get(&cli.name, a).map(|_| 0),
         Command::Exec(a) => lab_cmd::exec(&cli.name, a),
         Command::Observe(a) => observe_cmd::observe(&cli.name, a).map(|_| 0),
+        Command::Service { command } => service_cmd::run(&cli.name, command).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

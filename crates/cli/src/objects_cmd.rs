@@ -36,7 +36,7 @@ pub struct GetArgs {
     pub output: Option<String>,
 }
 
-fn client(lab_name: &str) -> Result<LabClient> {
+pub(crate) fn client(lab_name: &str) -> Result<LabClient> {
     let paths = LabPaths::new(lab_name)?;
     Ok(LabClient::new(paths.cp_socket()))
 }
@@ -121,7 +121,22 @@ pub fn get(lab_name: &str, args: GetArgs) -> Result<()> {
             }
             let wide = args.output.is_some();
             let with_ns = args.all_namespaces && kind.namespaced();
-            print!("{}", render_table(kind, &items, wide, with_ns, now_secs()));
+            // Services -o wide also show how many backends each has (ready/all endpoints).
+            let extra = if kind == Kind::Service && wide {
+                let slices = client(lab_name)?
+                    .list(Kind::EndpointSlice, None)
+                    .context("listing EndpointSlices")?;
+                Some((
+                    "BACKENDS",
+                    crate::service_cmd::backend_counts(&items, &slices),
+                ))
+            } else {
+                None
+            };
+            print!(
+                "{}",
+                render_table_with(kind, &items, wide, with_ns, now_secs(), extra)
+            );
         }
         Some(other) => bail!("unknown output format {other:?}: use json, yaml or wide"),
     }
@@ -388,6 +403,7 @@ fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
 }
 
 /// A kubectl-style table: columns padded to the widest cell plus three spaces.
+#[cfg(test)]
 fn render_table(
     kind: Kind,
     items: &[Object],
@@ -395,16 +411,34 @@ fn render_table(
     with_namespace: bool,
     now: i64,
 ) -> String {
+    render_table_with(kind, items, wide, with_namespace, now, None)
+}
+
+/// `extra`: one more column (header, a cell per item) appended at the end.
+fn render_table_with(
+    kind: Kind,
+    items: &[Object],
+    wide: bool,
+    with_namespace: bool,
+    now: i64,
+    extra: Option<(&str, Vec<String>)>,
+) -> String {
     let mut rows: Vec<Vec<String>> = Vec::with_capacity(items.len() + 1);
     let mut head: Vec<String> = headers(kind, wide).into_iter().map(String::from).collect();
     if with_namespace {
         head.insert(0, "NAMESPACE".into());
     }
+    if let Some((h, _)) = &extra {
+        head.push(h.to_string());
+    }
     rows.push(head);
-    for o in items {
+    for (i, o) in items.iter().enumerate() {
         let mut r = row(kind, o, wide, now);
         if with_namespace {
             r.insert(0, o.namespace().unwrap_or("").to_string());
+        }
+        if let Some((_, cells)) = &extra {
+            r.push(cells.get(i).cloned().unwrap_or_default());
         }
         rows.push(r);
     }

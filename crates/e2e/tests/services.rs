@@ -187,6 +187,36 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
     let from_1 = tally(10, || tcp_read(&b_ns, itp, 80))?;
     assert_eq!(from_1.keys().collect::<Vec<_>>(), ["b"], "{from_1:?}");
 
+    // The compiled state explains itself: backends, hairpin, backend counts.
+    let trace = lab.ferrum_ok(&[
+        "service",
+        "trace",
+        "--from",
+        "default/a",
+        "--to",
+        &format!("{vip}:80"),
+    ])?;
+    assert!(trace.contains("Service default/web:http"), "{trace}");
+    assert!(trace.contains("candidate backends (2)"), "{trace}");
+    assert!(trace.contains("hairpin"), "{trace}");
+    let trace = lab.ferrum_ok(&[
+        "service",
+        "trace",
+        "--from",
+        "default/client",
+        "--to",
+        &format!("{empty}:53"),
+        "--protocol",
+        "udp",
+    ])?;
+    assert!(trace.contains("refused"), "{trace}");
+    let wide = lab.ferrum_ok(&["get", "services", "-o", "wide"])?;
+    let web_row = wide
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .context("web row")?;
+    assert!(web_row.ends_with("2/2"), "{wide}");
+
     // Re-applying keeps the clusterIP.
     lab.apply(WEB)?;
     assert_eq!(cluster_ip(&lab, "web")?, vip);

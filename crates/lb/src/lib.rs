@@ -12,6 +12,7 @@
 
 pub mod alloc;
 pub mod maglev;
+pub mod trace;
 
 use std::collections::BTreeMap;
 use std::fmt;
