@@ -1110,3 +1110,94 @@ int from_uplink(struct __sk_buff *skb)
 		return to_endpoint(skb, cfg, ep, &f);
 	return TC_ACT_OK;
 }
+
+/* ---- Socket-level load balancing (cgroup sock_addr hooks) ------------------------------ */
+
+#define AF_INET 2 /* sys/socket.h is libc's, not the BPF target's */
+/* Processes in a node's own network namespace (attached on the node's cgroup) reach Services
+ * by having connect()/sendmsg() translated to a backend before any packet exists. */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ferrum_lb_sock_key);
+	__type(value, struct ferrum_lb_sock_rev);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_sock_rev SEC(".maps");
+
+/* Returns 1 (translated or not a Service) or 0 (a Service without backends: refuse). */
+static __always_inline int lb_sock_translate(struct bpf_sock_addr *ctx, int remember)
+{
+	struct ferrum_config *cfg = config();
+	struct ferrum_lb_key key = {};
+	struct ferrum_lb_service *svc;
+	struct ferrum_nat_key fwd = {};
+	struct ferrum_lb_backend backend = {};
+	__u64 cookie;
+
+	if (ctx->user_family != AF_INET)
+		return 1;
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return 1;
+	key.addr = ctx->user_ip4;
+	key.port = (__u16)ctx->user_port;
+	key.proto = ctx->protocol;
+	key.scope = FERRUM_LB_SCOPE_INTERNAL;
+	svc = bpf_map_lookup_elem(&ferrum_lb_services, &key);
+	if (!svc)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	/* The "flow" of a socket: this node as the client, the cookie as its port. */
+	fwd.addr_a = cfg ? cfg->node_ip : 0;
+	fwd.addr_b = key.addr;
+	fwd.port_a = (__u16)cookie;
+	fwd.port_b = key.port;
+	fwd.proto = key.proto;
+	if (lb_pick(svc, &fwd, &backend) < 0)
+		return 0;
+	if (remember) {
+		struct ferrum_lb_sock_key skey = {};
+		struct ferrum_lb_sock_rev srev = {};
+		skey.cookie = cookie;
+		skey.addr = backend.addr;
+		skey.port = backend.port;
+		srev.frontend_addr = key.addr;
+		srev.frontend_port = key.port;
+		bpf_map_update_elem(&ferrum_lb_sock_rev, &skey, &srev, BPF_ANY);
+	}
+	ctx->user_ip4 = backend.addr;
+	ctx->user_port = backend.port;
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int ferrum_connect4(struct bpf_sock_addr *ctx)
+{
+	/* Connected UDP sockets also get replies through recvmsg: remember those. */
+	return lb_sock_translate(ctx, ctx->protocol == IPPROTO_UDP);
+}
+
+SEC("cgroup/sendmsg4")
+int ferrum_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return lb_sock_translate(ctx, 1);
+}
+
+SEC("cgroup/recvmsg4")
+int ferrum_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct ferrum_lb_sock_key skey = {};
+	struct ferrum_lb_sock_rev *srev;
+
+	if (ctx->user_family != AF_INET)
+		return 1;
+	skey.cookie = bpf_get_socket_cookie(ctx);
+	skey.addr = ctx->user_ip4;
+	skey.port = (__u16)ctx->user_port;
+	srev = bpf_map_lookup_elem(&ferrum_lb_sock_rev, &skey);
+	if (srev) {
+		ctx->user_ip4 = srev->frontend_addr;
+		ctx->user_port = srev->frontend_port;
+	}
+	return 1;
+}

@@ -237,6 +237,20 @@ struct ferrum_lb_range_key {
 	__u32 addr;
 };
 
+/* Socket-level load balancing of unconnected UDP: the reply's source is rewritten back to
+ * the frontend on recvmsg. Key: socket cookie + backend; value: frontend. */
+struct ferrum_lb_sock_key {
+	__u64 cookie;
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+struct ferrum_lb_sock_rev {
+	__u32 frontend_addr;
+	__u16 frontend_port;
+	__u16 pad;
+};
+
 /* The source a pod sees when it reaches itself through a Service (it would drop its own
  * address as a source). */
 #define FERRUM_HAIRPIN_ADDR_HOST 0xa9fe2a01 /* 169.254.42.1, host order */

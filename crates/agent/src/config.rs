@@ -73,6 +73,10 @@ pub struct Config {
     /// ferrum.io/lb-algorithm annotation).
     #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
     pub lb_algorithm: LbAlgorithm,
+    /// cgroup v2 directory holding this node's host processes: socket-level load balancing
+    /// attaches there, and the agent joins it. Never the root cgroup.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -149,6 +149,9 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
     dataplane
         .restore(&mut store)
         .context("reconciling endpoints with the IPAM store")?;
+    if let Some(cg) = &config.cgroup {
+        attach_socket_lb(&mut dataplane, cg)?;
+    }
     let events = dataplane
         .datapath
         .take_events()
@@ -208,6 +211,27 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
         node_ip,
         server,
     })
+}
+
+/// Joins the node's cgroup and hooks socket-level load balancing on it.
+fn attach_socket_lb(dataplane: &mut KernelDataplane, cg: &std::path::Path) -> anyhow::Result<()> {
+    let root = ferrum_datapath::cgroup::cgroup2_root()
+        .context("socket-level load balancing needs cgroup v2, which is not mounted")?;
+    if cg == root || !cg.starts_with(&root) {
+        bail!(
+            "--cgroup {} must be a cgroup below the cgroup v2 root {} (never the root itself)",
+            cg.display(),
+            root.display()
+        );
+    }
+    ferrum_datapath::cgroup::add_process(cg, std::process::id())
+        .with_context(|| format!("joining the node cgroup {}", cg.display()))?;
+    dataplane
+        .datapath
+        .attach_socket_lb(cg)
+        .with_context(|| format!("attaching socket-level load balancing to {}", cg.display()))?;
+    tracing::info!(cgroup = %cg.display(), "socket-level load balancing attached");
+    Ok(())
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<JoinHandle<()>> {

@@ -2,5 +2,6 @@
 //! namespaces) lives here behind narrow APIs, so the logic crates stay pure.
 
 pub mod bpf;
+pub mod cgroup;
 pub mod link;
 pub mod netns;

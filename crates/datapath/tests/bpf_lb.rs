@@ -677,3 +677,65 @@ fn load_balancer_source_ranges_admit_only_listed_clients() -> Result<()> {
     );
     Ok(())
 }
+
+/// Socket-level load balancing: a process in the hooked cgroup connects to a frontend and is
+/// connected to the backend before any packet exists (TCP and connected UDP).
+#[test]
+fn socket_lb_translates_connect_for_processes_in_the_cgroup() -> Result<()> {
+    use std::io::Write;
+    let root = ferrum_datapath::cgroup::cgroup2_root().expect("cgroup v2 is mounted");
+    let cg = root.join(bpf_support::unique("ferrum-test-cg"));
+    ferrum_datapath::cgroup::create(&cg)?;
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = ferrum_datapath::cgroup::remove_tree(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(cg.clone());
+    let mut f = fixture()?;
+    f._ns.ip(&["addr", "add", "10.9.9.1/32", "dev", "lo"])?;
+    f.service(
+        internal(80, PROTO_TCP),
+        1,
+        &[sa(Ipv4Addr::new(10, 9, 9, 1), 9000)],
+    )?;
+    f.service(
+        internal(53, PROTO_UDP),
+        2,
+        &[sa(Ipv4Addr::new(10, 9, 9, 1), 9053)],
+    )?;
+    f.dp.attach_socket_lb(&cg)?;
+    // Attaching again (a restarted agent) replaces the links without a gap.
+    f.dp.attach_socket_lb(&cg)?;
+
+    // The fixture thread is in the node netns: servers bound there.
+    let tcp = std::net::TcpListener::bind("10.9.9.1:9000")?;
+    let udp = std::net::UdpSocket::bind("10.9.9.1:9053")?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = tcp.accept()?;
+        s.write_all(b"backend\n")?;
+        let mut buf = [0u8; 64];
+        let (n, peer) = udp.recv_from(&mut buf)?;
+        udp.send_to(&buf[..n], peer)?;
+        Ok(())
+    });
+    let netns = format!("/run/netns/{}", f._ns.name);
+    let script = format!(
+        "echo $$ > {cg}/cgroup.procs && nc -w 3 {VIP} 80 && echo ping | nc -u -w 1 {VIP} 53",
+        cg = cg.display()
+    );
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["sh", "-c", &script])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "backend\nping\n");
+    server.join().expect("server thread")?;
+    Ok(())
+}

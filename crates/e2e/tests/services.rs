@@ -217,6 +217,24 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
         .context("web row")?;
     assert!(web_row.ends_with("2/2"), "{wide}");
 
+    // Socket-level load balancing: a host process of node-1 (in the node's cgroup) reaches the
+    // ClusterIP; its connect() goes straight to a backend.
+    let cg = ferrum_lab::daemon::node_cgroup(&lab.paths, "node-1").context("cgroup v2")?;
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && nc -w 3 {vip} 80",
+        cg.display()
+    );
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", lab.node_netns("node-1").display()))
+        .args(["sh", "-c", &script])
+        .output()?;
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        answer == "a" || answer == "b",
+        "node-1 host process got {answer:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Re-applying keeps the clusterIP.
     lab.apply(WEB)?;
     assert_eq!(cluster_ip(&lab, "web")?, vip);

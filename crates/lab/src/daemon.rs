@@ -77,6 +77,20 @@ pub fn agent_pid_file(paths: &LabPaths, node: &str) -> PathBuf {
     paths.run_dir.join("nodes").join(node).join("agent.pid")
 }
 
+/// The cgroup v2 directory of a lab (parent of its node cgroups), if cgroup v2 is mounted.
+pub fn lab_cgroup(paths: &LabPaths) -> Option<PathBuf> {
+    Some(
+        ferrum_datapath::cgroup::cgroup2_root()?
+            .join("ferrum")
+            .join(&paths.name),
+    )
+}
+
+/// The cgroup holding a node's host processes (its agent, and anything run "on the node").
+pub fn node_cgroup(paths: &LabPaths, node: &str) -> Option<PathBuf> {
+    Some(lab_cgroup(paths)?.join(node))
+}
+
 pub fn agent_log(paths: &LabPaths, node: &str) -> PathBuf {
     paths.node_state_dir(node).join("agent.log")
 }
@@ -420,6 +434,16 @@ impl AgentSupervisor {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // Socket-level load balancing hooks the node's own cgroup (never the root cgroup).
+        if let Some(cg) = node_cgroup(p, &self.node) {
+            match ferrum_datapath::cgroup::create(&cg) {
+                Ok(()) => {
+                    cmd.arg("--cgroup").arg(cg);
+                }
+                Err(e) => tracing::warn!(node = %self.node, cgroup = %cg.display(), error = %e,
+                    "no node cgroup: host processes of the node get no socket-level load balancing"),
+            }
+        }
         // The agent also enters --netns itself; starting it there already means nothing it does
         // before that can touch the root namespace.
         command_in_netns(&mut cmd, &netns).map_err(std::io::Error::other)?;

@@ -376,6 +376,15 @@ pub fn teardown(paths: &LabPaths) -> Result<TeardownSummary, FabricError> {
     for dir in [&paths.bpf_dir, &paths.run_dir, &paths.state_dir] {
         remove_dir(dir)?;
     }
+    // 5. The node cgroups (empty now that the lab's processes are gone).
+    if let Some(cg) = crate::daemon::lab_cgroup(paths)
+        && let Err(error) = ferrum_datapath::cgroup::remove_tree(&cg)
+    {
+        return Err(FabricError::Remove {
+            path: cg.display().to_string(),
+            error,
+        });
+    }
     info!(lab = %paths.name, ?summary, "lab removed");
     Ok(summary)
 }

@@ -421,4 +421,80 @@ impl Datapath {
             format!("remove {id} {addr}/{len}"),
         ))
     }
+
+    /// Socket-level load balancing for the processes in `cgroup` (a cgroup v2 directory):
+    /// connect4/sendmsg4/recvmsg4 attached with bpf links pinned under `pin_dir/links-cgroup`.
+    /// Re-attaching (a restarted agent) attaches the new links before detaching the old, so
+    /// translation never stops.
+    pub fn attach_socket_lb(&mut self, cgroup: &std::path::Path) -> Result<(), DatapathError> {
+        use aya::programs::CgroupSockAddr;
+        use aya::programs::links::{CgroupAttachMode, FdLink};
+        let dir = self.pin_dir.join(super::CGROUP_LINKS_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
+            op: "create the cgroup link pin directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let file = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io {
+            op: "open the cgroup",
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        for name in SOCKET_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    op: "use as a cgroup sock_addr program".into(),
+                    source,
+                })?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|source| DatapathError::Program {
+                    program: name,
+                    op: "load (verifier)".into(),
+                    source,
+                })?;
+            }
+            // A bpf link (kernel >= 5.7) never excludes other links; "Single" only means no
+            // legacy attach flags, which link_create refuses.
+            let id = prog
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    op: format!("attach to the cgroup {}", cgroup.display()),
+                    source,
+                })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    op: "take the cgroup link".into(),
+                    source,
+                })?;
+            let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Link {
+                path: dir.join(name),
+                op: "turn the cgroup link into an fd link",
+                reason: e.to_string(),
+            })?;
+            let pin = dir.join(name);
+            if pin.exists() {
+                super::remove_link_pin(&pin)?;
+            }
+            fd_link.pin(&pin).map_err(|e| DatapathError::Link {
+                path: pin.clone(),
+                op: "pin",
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
 }
+
+/// The cgroup sock_addr programs of socket-level load balancing.
+const SOCKET_PROGRAMS: [&str; 3] = ["ferrum_connect4", "ferrum_sendmsg4", "ferrum_recvmsg4"];

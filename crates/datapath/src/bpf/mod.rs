@@ -40,6 +40,8 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const POD_LINKS_DIR: &str = "links";
 const DEVICE_LINKS_DIR: &str = "links-dev";
+/// Socket-level load balancing links (cgroup sock_addr hooks).
+pub(crate) const CGROUP_LINKS_DIR: &str = "links-cgroup";
 
 const MAP_CONFIG: &str = "ferrum_config";
 const MAP_ENDPOINTS: &str = "ferrum_endpoints";
@@ -954,7 +956,7 @@ pub fn remove_pins(pin_dir: &Path) -> Result<(), DatapathError> {
         return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
     }
     // Links first so programs detach before their maps disappear.
-    for sub in [POD_LINKS_DIR, DEVICE_LINKS_DIR] {
+    for sub in [POD_LINKS_DIR, DEVICE_LINKS_DIR, CGROUP_LINKS_DIR] {
         let dir = pin_dir.join(sub);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries {
