@@ -62,6 +62,25 @@ hostport=${metrics_url#http://}; hostport=${hostport%%/*}
 nsenter --net="/run/netns/${node0_ns% *}" bash -c "exec 3<>/dev/tcp/${hostport%:*}/${hostport#*:}; printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3; cat <&3" \
   | grep -E '^ferrum_(drops_total|flows_processed_total)' | sed 's/^/  /' || true
 
+step "Services without kube-proxy: the lab allocates clusterIPs and keeps EndpointSlices from pod readiness"
+run ferrum apply -f examples/demo-services.yaml
+run ferrum get services -n demo -o wide
+svc_field() { ferrum get services -n demo -o json | python3 -c "import json,sys; s=[s for s in json.load(sys.stdin)['items'] if s['metadata']['name']=='$1'][0]; print($2)"; }
+vip=$(svc_field web "s['spec']['clusterIP']")
+echo "from_pod translates each new connection to a random backend (conntrack keeps it there):"
+for i in 1 2 3 4 5 6; do ferrum exec -n demo client -- nc -w 3 "$vip" 80; done | sort | uniq -c
+run ferrum exec -n demo client -- sh -c "echo hi | nc -u -w 1 $vip 53"
+run ferrum service trace --from demo/client --to "$vip:80"
+
+step "No backend: the client is refused at once (ICMP port unreachable from the datapath), not left to time out"
+nobody=$(svc_field nobody "s['spec']['clusterIP']")
+run ferrum exec -n demo client -- sh -c "time nc -w 5 $nobody 80; echo exit=\$?" || true
+
+step "From the external host: a LoadBalancer address, externalTrafficPolicy=Local keeps the client's IP"
+lb=$(svc_field web-public "s['status']['loadBalancer']['ingress'][0]['ip']")
+for i in 1 2 3 4; do nsenter --net="/run/netns/$ext_ns" nc -w 3 "$lb" 80; done | sort | uniq -c
+run ferrum service trace --from "$ext_ip" --to "$lb:80"
+
 step "The lab keeps running. Explore it:"
 cat <<TXT
   export PATH=$PWD/target/debug:\$PATH FERRUM_LAB=demo

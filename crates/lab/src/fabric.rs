@@ -385,6 +385,10 @@ pub fn teardown(paths: &LabPaths) -> Result<TeardownSummary, FabricError> {
             error,
         });
     }
+    // The shared parent goes with the last lab (other labs keep it busy: not an error).
+    if let Some(parent) = crate::daemon::lab_cgroup(paths).as_deref().and_then(Path::parent) {
+        let _ = std::fs::remove_dir(parent);
+    }
     info!(lab = %paths.name, ?summary, "lab removed");
     Ok(summary)
 }
