@@ -27,13 +27,41 @@ struct Objects {
     slices: BTreeMap<Name, EndpointSlice>,
 }
 
-/// Services and EndpointSlices as last listed (same relist rules as the node table).
+/// Services and EndpointSlices as last listed (same relist rules as the node table), and
+/// each Service's compiled frontends, recompiled only when the Service or its slices change.
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     current: Objects,
     relisting: Option<Objects>,
     /// Something the compiled state depends on changed since the last realization.
     pub dirty: bool,
+    cache: BTreeMap<Name, Compiled>,
+    stale: BTreeSet<Name>,
+    /// Everything must be recompiled (nodes changed, relist, first run).
+    all_stale: bool,
+}
+
+fn slice_service(o: &Object) -> Option<Name> {
+    match o {
+        Object::EndpointSlice(s) => service_of(s),
+        _ => None,
+    }
+}
+
+/// The Service an EndpointSlice belongs to (its kubernetes.io/service-name label).
+fn service_of(s: &EndpointSlice) -> Option<Name> {
+    let svc = s
+        .metadata
+        .labels
+        .as_ref()?
+        .get(ferrum_lb::SERVICE_NAME_LABEL)?;
+    Some((
+        s.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        svc.clone(),
+    ))
 }
 
 impl ServiceTable {
@@ -47,9 +75,28 @@ impl ServiceTable {
                 if let Some(listed) = self.relisting.take() {
                     self.current = listed;
                     self.dirty = true;
+                    self.all_stale = true;
                 }
                 return;
             }
+            _ => {}
+        }
+        // Which Services' compilations this event invalidates.
+        match event {
+            WatchEvent::Upsert { object } | WatchEvent::Delete { object } => match object {
+                Object::Service(_) => {
+                    self.stale.insert(name_of(object));
+                }
+                Object::EndpointSlice(_) => {
+                    self.stale.extend(slice_service(object));
+                    // The slice may have belonged to another Service before.
+                    if let Some(old) = self.current.slices.get(&name_of(object)) {
+                        self.stale.extend(service_of(old));
+                    }
+                }
+                Object::Node(_) => self.all_stale = true,
+                _ => {}
+            },
             _ => {}
         }
         let target = self.relisting.as_mut().unwrap_or(&mut self.current);
@@ -77,21 +124,51 @@ impl ServiceTable {
         self.dirty |= changed;
     }
 
+    /// The frontends of every Service for this node; only Services whose objects changed
+    /// since the last call are recompiled (the result equals a full `ferrum_lb::compile`).
     pub fn compile(
-        &self,
+        &mut self,
         node_name: &str,
         node_ip: Ipv4Addr,
         node_ips: Vec<Ipv4Addr>,
         algorithm: Algorithm,
     ) -> Compiled {
-        ferrum_lb::compile(&Cluster {
-            services: self.current.services.values().collect(),
-            slices: self.current.slices.values().collect(),
+        let cluster = Cluster {
+            services: Vec::new(),
+            slices: Vec::new(),
             node_name: node_name.to_string(),
             node_ip: Some(node_ip),
             node_ips,
             default_algorithm: algorithm,
-        })
+        };
+        // A changed default algorithm or node set shows up as a Node event or a restart.
+        if self.all_stale || self.cache.is_empty() {
+            self.cache.clear();
+            self.stale = self.current.services.keys().cloned().collect();
+            self.all_stale = false;
+        }
+        if !self.stale.is_empty() {
+            let mut slices: BTreeMap<Name, Vec<&EndpointSlice>> = BTreeMap::new();
+            for slice in self.current.slices.values() {
+                if let Some(svc) = service_of(slice).filter(|svc| self.stale.contains(svc)) {
+                    slices.entry(svc).or_default().push(slice);
+                }
+            }
+            for name in std::mem::take(&mut self.stale) {
+                match self.current.services.get(&name) {
+                    Some(svc) => {
+                        let mut c = Compiled::default();
+                        let own = slices.get(&name).map(Vec::as_slice).unwrap_or_default();
+                        ferrum_lb::compile_service(&cluster, svc, own, &mut c);
+                        self.cache.insert(name, c);
+                    }
+                    None => {
+                        self.cache.remove(&name);
+                    }
+                }
+            }
+        }
+        ferrum_lb::merge(self.cache.values())
     }
 }
 
@@ -501,6 +578,64 @@ mod tests {
         );
         r.reconcile(&mut dp, &Compiled::default()).unwrap();
         assert_eq!(dp.state, LbState::default(), "everything removed");
+    }
+
+    #[test]
+    fn incremental_compilation_equals_a_full_one() {
+        let svc = |name: &str, ip: &str| {
+            Object::Service(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "default"},
+                    "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+                }))
+                .unwrap(),
+            )
+        };
+        let slice = |name: &str, svc: &str, addr: &str| {
+            Object::EndpointSlice(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "default",
+                                 "labels": {"kubernetes.io/service-name": svc}},
+                    "addressType": "IPv4", "ports": [{"port": 8080}],
+                    "endpoints": [{"addresses": [addr]}]
+                }))
+                .unwrap(),
+            )
+        };
+        let up = |o: Object| WatchEvent::Upsert { object: o };
+        let ip: Ipv4Addr = "10.224.0.4".parse().unwrap();
+        let mut t = ServiceTable::default();
+        let full = |t: &ServiceTable| {
+            ferrum_lb::compile(&Cluster {
+                services: t.current.services.values().collect(),
+                slices: t.current.slices.values().collect(),
+                node_name: "n".into(),
+                node_ip: Some(ip),
+                node_ips: vec![ip],
+                default_algorithm: Algorithm::Random,
+            })
+        };
+        let steps = vec![
+            up(svc("a", "10.0.0.1")),
+            up(svc("b", "10.0.0.2")),
+            up(slice("a-1", "a", "10.244.0.5")),
+            up(slice("b-1", "b", "10.244.0.6")),
+            // The slice moves from b to a.
+            up(slice("b-1", "a", "10.244.0.6")),
+            // Two Services claim one address: the first keeps it.
+            up(svc("c", "10.0.0.1")),
+            WatchEvent::Delete {
+                object: svc("a", "10.0.0.1"),
+            },
+            WatchEvent::Delete {
+                object: slice("a-1", "a", "10.244.0.5"),
+            },
+        ];
+        for (i, e) in steps.into_iter().enumerate() {
+            t.apply(&e);
+            let inc = t.compile("n", ip, vec![ip], Algorithm::Random);
+            assert_eq!(inc, full(&t), "after step {i}");
+        }
     }
 
     #[test]

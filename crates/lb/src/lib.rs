@@ -327,16 +327,41 @@ pub fn compile(cluster: &Cluster<'_>) -> Compiled {
             .unwrap_or_else(|| "default".into());
         by_service.entry((ns, svc.clone())).or_default().push(slice);
     }
+    let no_slices = Vec::new();
     for svc in &cluster.services {
-        compile_service(cluster, svc, &by_service, &mut out);
+        let slices = by_service.get(&service_id(svc)).unwrap_or(&no_slices);
+        compile_service(cluster, svc, slices, &mut out);
     }
     out
 }
 
-fn compile_service(
+/// Merges per-Service compilations (in Service order) as [`compile`] would have produced
+/// them: a key claimed twice stays with the first Service, with a warning.
+pub fn merge<'c>(parts: impl IntoIterator<Item = &'c Compiled>) -> Compiled {
+    let mut out = Compiled::default();
+    for part in parts {
+        out.warnings.extend(part.warnings.iter().cloned());
+        for (key, fe) in &part.frontends {
+            match out.frontends.get(key) {
+                Some(prev) => out.warnings.push(format!(
+                    "{key} is claimed by {} and {}; keeping {}",
+                    prev.service, fe.service, prev.service
+                )),
+                None => {
+                    out.frontends.insert(*key, fe.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Compiles one Service with its slices (`cluster.services` and `cluster.slices` are not
+/// read), adding its frontends to `out`.
+pub fn compile_service(
     cluster: &Cluster<'_>,
     svc: &Service,
-    by_service: &BTreeMap<(String, String), Vec<&EndpointSlice>>,
+    slices: &[&EndpointSlice],
     out: &mut Compiled,
 ) {
     let id = service_id(svc);
@@ -345,8 +370,6 @@ fn compile_service(
     if svc_type == "ExternalName" {
         return;
     }
-    let no_slices = Vec::new();
-    let slices = by_service.get(&id).unwrap_or(&no_slices);
     let algorithm = match svc
         .metadata
         .annotations
