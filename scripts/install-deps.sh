@@ -4,6 +4,7 @@ set -euo pipefail
 packages=(
   clang llvm libbpf-dev bpftool            # compile and inspect the eBPF programs
   iproute2 iputils-ping netcat-openbsd     # lab plumbing and probes
+  iptables nftables                        # the Service benchmark's kube-proxy-style baselines
   iperf3 tcpdump                           # benchmarks and debugging
   podman runc containernetworking-plugins busybox-static  # the real-runtime CNI test
   iptables nftables                        # kube-proxy takeover tests

@@ -394,6 +394,73 @@ fn apply_diff<D: LbDataplane>(
     Ok(stats)
 }
 
+impl LbDataplane for crate::kernel::KernelDataplane {
+    fn lb_state(&mut self) -> anyhow::Result<LbState> {
+        use anyhow::Context;
+        Ok(LbState {
+            services: self
+                .datapath
+                .lb_services()
+                .context("reading the LB services map")?,
+            backends: self
+                .datapath
+                .lb_backends()
+                .context("reading the LB backends map")?,
+            maglev: self
+                .datapath
+                .lb_maglev()
+                .context("reading the Maglev tables")?,
+            ranges: self
+                .datapath
+                .lb_ranges()
+                .context("reading the LB source ranges")?
+                .into_iter()
+                .collect(),
+        })
+    }
+    fn upsert_lb_maglev(
+        &mut self,
+        id: u32,
+        chunk: u32,
+        slots: &[u16; MAGLEV_CHUNK],
+    ) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_maglev(id, chunk, slots)?)
+    }
+    fn remove_lb_maglev(&mut self, id: u32, chunk: u32) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_maglev(id, chunk)?)
+    }
+    fn upsert_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_range(id, addr, len)?)
+    }
+    fn remove_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_range(id, addr, len)?)
+    }
+    fn lb_affinity(&mut self) -> anyhow::Result<Vec<(u32, Ipv4Addr, LbBackend)>> {
+        Ok(self.datapath.lb_affinity()?)
+    }
+    fn remove_lb_affinity(&mut self, id: u32, client: Ipv4Addr) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_affinity(id, client)?)
+    }
+    fn upsert_lb_service(&mut self, key: &LbFrontendKey, svc: &LbService) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_service(key, svc)?)
+    }
+    fn remove_lb_service(&mut self, key: &LbFrontendKey) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_service(key)?)
+    }
+    fn upsert_lb_backend(&mut self, id: u32, slot: u32, b: &LbBackend) -> anyhow::Result<()> {
+        Ok(self.datapath.upsert_lb_backend(id, slot, b)?)
+    }
+    fn remove_lb_backend(&mut self, id: u32, slot: u32) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_backend(id, slot)?)
+    }
+    fn lb_conntrack(&mut self) -> anyhow::Result<Vec<LbConntrack>> {
+        Ok(self.datapath.lb_conntrack()?)
+    }
+    fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> anyhow::Result<()> {
+        Ok(self.datapath.remove_lb_conntrack(ct)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,72 +731,5 @@ mod tests {
                 .frontends
                 .is_empty()
         );
-    }
-}
-
-impl LbDataplane for crate::kernel::KernelDataplane {
-    fn lb_state(&mut self) -> anyhow::Result<LbState> {
-        use anyhow::Context;
-        Ok(LbState {
-            services: self
-                .datapath
-                .lb_services()
-                .context("reading the LB services map")?,
-            backends: self
-                .datapath
-                .lb_backends()
-                .context("reading the LB backends map")?,
-            maglev: self
-                .datapath
-                .lb_maglev()
-                .context("reading the Maglev tables")?,
-            ranges: self
-                .datapath
-                .lb_ranges()
-                .context("reading the LB source ranges")?
-                .into_iter()
-                .collect(),
-        })
-    }
-    fn upsert_lb_maglev(
-        &mut self,
-        id: u32,
-        chunk: u32,
-        slots: &[u16; MAGLEV_CHUNK],
-    ) -> anyhow::Result<()> {
-        Ok(self.datapath.upsert_lb_maglev(id, chunk, slots)?)
-    }
-    fn remove_lb_maglev(&mut self, id: u32, chunk: u32) -> anyhow::Result<()> {
-        Ok(self.datapath.remove_lb_maglev(id, chunk)?)
-    }
-    fn upsert_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
-        Ok(self.datapath.upsert_lb_range(id, addr, len)?)
-    }
-    fn remove_lb_range(&mut self, id: u32, addr: Ipv4Addr, len: u8) -> anyhow::Result<()> {
-        Ok(self.datapath.remove_lb_range(id, addr, len)?)
-    }
-    fn lb_affinity(&mut self) -> anyhow::Result<Vec<(u32, Ipv4Addr, LbBackend)>> {
-        Ok(self.datapath.lb_affinity()?)
-    }
-    fn remove_lb_affinity(&mut self, id: u32, client: Ipv4Addr) -> anyhow::Result<()> {
-        Ok(self.datapath.remove_lb_affinity(id, client)?)
-    }
-    fn upsert_lb_service(&mut self, key: &LbFrontendKey, svc: &LbService) -> anyhow::Result<()> {
-        Ok(self.datapath.upsert_lb_service(key, svc)?)
-    }
-    fn remove_lb_service(&mut self, key: &LbFrontendKey) -> anyhow::Result<()> {
-        Ok(self.datapath.remove_lb_service(key)?)
-    }
-    fn upsert_lb_backend(&mut self, id: u32, slot: u32, b: &LbBackend) -> anyhow::Result<()> {
-        Ok(self.datapath.upsert_lb_backend(id, slot, b)?)
-    }
-    fn remove_lb_backend(&mut self, id: u32, slot: u32) -> anyhow::Result<()> {
-        Ok(self.datapath.remove_lb_backend(id, slot)?)
-    }
-    fn lb_conntrack(&mut self) -> anyhow::Result<Vec<LbConntrack>> {
-        Ok(self.datapath.lb_conntrack()?)
-    }
-    fn remove_lb_conntrack(&mut self, ct: &LbConntrack) -> anyhow::Result<()> {
-        Ok(self.datapath.remove_lb_conntrack(ct)?)
     }
 }
