@@ -386,7 +386,10 @@ pub fn teardown(paths: &LabPaths) -> Result<TeardownSummary, FabricError> {
         });
     }
     // The shared parent goes with the last lab (other labs keep it busy: not an error).
-    if let Some(parent) = crate::daemon::lab_cgroup(paths).as_deref().and_then(Path::parent) {
+    if let Some(parent) = crate::daemon::lab_cgroup(paths)
+        .as_deref()
+        .and_then(Path::parent)
+    {
         let _ = std::fs::remove_dir(parent);
     }
     info!(lab = %paths.name, ?summary, "lab removed");
