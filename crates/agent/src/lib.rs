@@ -13,8 +13,8 @@ pub mod kernel;
 pub mod observe;
 pub mod restore;
 pub mod server;
-pub mod tools;
 pub mod services;
+pub mod tools;
 pub mod watch;
 
 use std::sync::{Arc, Mutex};
