@@ -112,7 +112,13 @@ fn snapshot() -> String {
         "ip6tables-legacy-save",
         "ip6tables-nft-save",
     ] {
-        s.push_str(&format!("== {t}\n{}", tool(t, &[], "")));
+        // Without the "# Generated ... on <time>" comments, which change with the clock.
+        let rules: String = tool(t, &[], "")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        s.push_str(&format!("== {t}\n{rules}"));
     }
     s.push_str(&format!("== nft\n{}", tool("nft", &["list", "tables"], "")));
     s
