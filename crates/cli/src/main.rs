@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 mod lab_cmd;
 mod objects_cmd;
 mod observe_cmd;
+mod policy_cmd;
 mod service_cmd;
 
 #[derive(Parser)]
@@ -43,6 +44,11 @@ enum Command {
     Service {
         #[command(subcommand)]
         command: service_cmd::ServiceCommand,
+    },
+    /// NetworkPolicy tools: `policy trace --from NS/POD --to NS/POD|IP --port P`.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
     },
 }
 
@@ -87,6 +93,7 @@ fn main() {
         Command::Exec(a) => lab_cmd::exec(&cli.name, a),
         Command::Observe(a) => observe_cmd::observe(&cli.name, a).map(|_| 0),
         Command::Service { command } => service_cmd::run(&cli.name, command).map(|_| 0),
+        Command::Policy { command } => policy_cmd::run(&cli.name, command),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -602,25 +602,22 @@ impl PolicyState {
                     .map_err(|(f, m)| err(f, m))?,
             ));
         }
-        let mut make =
-            |dir: Direction,
-             on: bool,
-             rules: Vec<ParsedRule>| {
-                if !on {
-                    return None;
-                }
-                let iso = self.add_rule(&namespace, &name, dir, None);
-                let rules = rules
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (peers, ports))| RuleSpec {
-                        id: self.add_rule(&namespace, &name, dir, Some(i)),
-                        peers,
-                        ports,
-                    })
-                    .collect();
-                Some((iso, rules))
-            };
+        let mut make = |dir: Direction, on: bool, rules: Vec<ParsedRule>| {
+            if !on {
+                return None;
+            }
+            let iso = self.add_rule(&namespace, &name, dir, None);
+            let rules = rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, (peers, ports))| RuleSpec {
+                    id: self.add_rule(&namespace, &name, dir, Some(i)),
+                    peers,
+                    ports,
+                })
+                .collect();
+            Some((iso, rules))
+        };
         let ingress = make(Direction::Ingress, ingress_on, ingress);
         let egress = make(Direction::Egress, egress_on, egress);
         Ok(PolicySpec {
