@@ -84,6 +84,16 @@ fn trace_names_the_deciding_policy_and_bad_policies_are_refused_whole() -> Resul
         "{err}"
     );
 
+    // Re-applying a Pod with new labels updates it in place: same IP, and the trace follows.
+    let a_ip = lab.pod_ip("default", "a")?;
+    lab.apply(&pod_yaml("default", "a", "node-0").replace("app: a", "app: other"))?;
+    ensure!(lab.pod_ip("default", "a")? == a_ip, "a keeps its IP");
+    let out = trace("default/a", "default/b", "80", "tcp")?;
+    ensure!(
+        out.status.code() == Some(1),
+        "a no longer matches the peer selector"
+    );
+
     // Bad input: refused by apply naming the field; nothing of the request is applied.
     let bad = POLICY.replace("b-from-a", "bad").replace(
         "{podSelector: {matchLabels: {app: a}}}",
