@@ -80,6 +80,10 @@ step "From the external host: a LoadBalancer address, externalTrafficPolicy=Loca
 lb=$(svc_field web-public "s['status']['loadBalancer']['ingress'][0]['ip']")
 for i in 1 2 3 4; do nsenter --net="/run/netns/$ext_ns" nc -w 3 "$lb" 80; done | sort | uniq -c
 run ferrum service trace --from "$ext_ip" --to "$lb:80"
+step "NetworkPolicy, explained: the verdict and the rule that decides it (compiler; enforcement in the datapath is still to come)"
+run ferrum apply -f examples/demo-policy.yaml
+run ferrum policy trace --from demo/client --to demo/web-1 --port 80
+run ferrum policy trace --from demo/client --to demo/web-1 --port 53 --protocol udp || true
 
 step "The lab keeps running. Explore it:"
 cat <<TXT
