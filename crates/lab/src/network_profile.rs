@@ -18,6 +18,15 @@ pub const NODE_IP_OFFSET: u32 = 10;
 pub const MAX_NODES: u32 = 64;
 pub const MIN_MAX_PODS: u32 = 10;
 pub const MAX_MAX_PODS: u32 = 250;
+/// AKS's default max pods in VNet mode (overlay: [`MAX_MAX_PODS`]).
+pub const DEFAULT_VNET_MAX_PODS: u32 = 110;
+/// The largest service CIDR AKS accepts (a /12).
+pub const MAX_SERVICE_PREFIX: u8 = 12;
+/// VNet mode: addresses handed to a node at a time, and the free-address thresholds (percent
+/// of a batch) below which a node asks for another batch and above which it gives one back.
+pub const DEFAULT_IP_BATCH_SIZE: u32 = 16;
+pub const DEFAULT_IP_REQUEST_THRESHOLD_PERCENT: u32 = 50;
+pub const DEFAULT_IP_RELEASE_THRESHOLD_PERCENT: u32 = 150;
 /// Each node's pod CIDR in overlay mode.
 pub const NODE_POD_PREFIX_LEN: u8 = 24;
 
@@ -58,8 +67,14 @@ pub enum ProfileError {
         option: &'static str,
         reason: String,
     },
-    #[error("vnet mode is not available yet: use --network-plugin-mode overlay")]
-    VnetNotAvailable,
+    #[error("--{option} {value} conflicts with --{other} {other_value}: {reason}")]
+    Conflict {
+        option: &'static str,
+        value: String,
+        other: &'static str,
+        other_value: String,
+        reason: String,
+    },
     #[error("cannot read lab profile {path}: {error} (is the lab up?)")]
     Read { path: String, error: std::io::Error },
     #[error("lab profile {path} is corrupt: {error}; remove the lab with `ferrum lab down`")]
@@ -95,6 +110,15 @@ pub struct NetworkProfile {
     /// may choose its own with the ferrum.io/lb-algorithm annotation).
     #[serde(default = "default_lb_algorithm")]
     pub lb_algorithm: String,
+    /// VNet mode: addresses per batch a node receives.
+    #[serde(default = "default_batch")]
+    pub ip_batch_size: u32,
+    /// VNet mode: a node requests a batch when fewer than this percent of a batch is free.
+    #[serde(default = "default_request_pct")]
+    pub ip_request_threshold_percent: u32,
+    /// VNet mode: a node releases a batch when more than this percent of a batch is free.
+    #[serde(default = "default_release_pct")]
+    pub ip_release_threshold_percent: u32,
 }
 
 pub fn default_lb_algorithm() -> String {
@@ -104,6 +128,16 @@ pub fn default_lb_algorithm() -> String {
 /// TEST-NET-2: public-looking, and outside every other lab range.
 pub fn default_lb_pool() -> Ipv4Net {
     net("198.51.100.0/24")
+}
+
+fn default_batch() -> u32 {
+    DEFAULT_IP_BATCH_SIZE
+}
+fn default_request_pct() -> u32 {
+    DEFAULT_IP_REQUEST_THRESHOLD_PERCENT
+}
+fn default_release_pct() -> u32 {
+    DEFAULT_IP_RELEASE_THRESHOLD_PERCENT
 }
 
 fn net(s: &str) -> Ipv4Net {
@@ -126,6 +160,9 @@ impl Default for NetworkProfile {
             pod_subnet: None,
             lb_pool: default_lb_pool(),
             lb_algorithm: default_lb_algorithm(),
+            ip_batch_size: DEFAULT_IP_BATCH_SIZE,
+            ip_request_threshold_percent: DEFAULT_IP_REQUEST_THRESHOLD_PERCENT,
+            ip_release_threshold_percent: DEFAULT_IP_RELEASE_THRESHOLD_PERCENT,
         }
     }
 }
@@ -161,15 +198,64 @@ pub fn parse_ip(option: &'static str, s: &str) -> Result<Ipv4Addr, ProfileError>
 }
 
 impl NetworkProfile {
-    /// Checks the whole plan; the error names the option to change.
-    pub fn validate(&self) -> Result<(), ProfileError> {
-        if self.network_plugin_mode == NetworkPluginMode::Vnet {
-            return Err(ProfileError::VnetNotAvailable);
+    /// A VNet-mode profile with AKS's VNet defaults (max pods 110).
+    pub fn vnet_default(pod_subnet: Ipv4Net) -> Self {
+        Self {
+            network_plugin_mode: NetworkPluginMode::Vnet,
+            max_pods: DEFAULT_VNET_MAX_PODS,
+            pod_subnet: Some(pod_subnet),
+            ..Default::default()
         }
-        if self.pod_subnet.is_some() {
+    }
+
+    /// The default max pods of a mode (as AKS: 250 overlay, 110 VNet).
+    pub fn default_max_pods(mode: NetworkPluginMode) -> u32 {
+        match mode {
+            NetworkPluginMode::Overlay => MAX_MAX_PODS,
+            NetworkPluginMode::Vnet => DEFAULT_VNET_MAX_PODS,
+        }
+    }
+
+    /// The address range pods take addresses from: the pod CIDR (overlay) or the pod subnet
+    /// (VNet).
+    pub fn pod_range(&self) -> Ipv4Net {
+        match (self.network_plugin_mode, self.pod_subnet) {
+            (NetworkPluginMode::Vnet, Some(subnet)) => subnet,
+            _ => self.pod_cidr,
+        }
+    }
+
+    /// Checks the whole plan as `az aks create` does; every error names the option to change,
+    /// and a conflict names both values.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        let conflict = |option,
+                        value: &dyn std::fmt::Display,
+                        other,
+                        other_value: &dyn std::fmt::Display,
+                        reason: &str| {
+            ProfileError::Conflict {
+                option,
+                value: value.to_string(),
+                other,
+                other_value: other_value.to_string(),
+                reason: reason.to_string(),
+            }
+        };
+        let vnet = self.network_plugin_mode == NetworkPluginMode::Vnet;
+        if !vnet && let Some(subnet) = self.pod_subnet {
+            return Err(conflict(
+                "pod-subnet",
+                &subnet,
+                "network-plugin-mode",
+                &self.network_plugin_mode,
+                "a pod subnet applies only to --network-plugin-mode vnet",
+            ));
+        }
+        if vnet && self.pod_subnet.is_none() {
             return Err(invalid(
                 "pod-subnet",
-                "a pod subnet applies only to --network-plugin-mode vnet".into(),
+                "--network-plugin-mode vnet needs a pod subnet inside the VNet, e.g. 10.225.0.0/16"
+                    .into(),
             ));
         }
         if !(1..=MAX_NODES).contains(&self.nodes) {
@@ -187,88 +273,134 @@ impl NetworkProfile {
                 ),
             ));
         }
-        for (option, cidr) in [
+        let mut cidrs = vec![
             ("pod-cidr", &self.pod_cidr),
             ("service-cidr", &self.service_cidr),
             ("vnet-cidr", &self.vnet_cidr),
             ("node-subnet", &self.node_subnet),
-        ] {
-            if cidr.trunc() != *cidr {
+        ];
+        if let Some(subnet) = &self.pod_subnet {
+            cidrs.push(("pod-subnet", subnet));
+        }
+        for (option, cidr) in &cidrs {
+            if cidr.trunc() != **cidr {
                 return Err(invalid(option, format!("{cidr} has host bits set")));
             }
         }
-        // Pod CIDR: one /24 per node.
-        if self.pod_cidr.prefix_len() > NODE_POD_PREFIX_LEN {
+        if self.service_cidr.prefix_len() < MAX_SERVICE_PREFIX {
             return Err(invalid(
-                "pod-cidr",
+                "service-cidr",
                 format!(
-                    "{} is smaller than one node's /{NODE_POD_PREFIX_LEN}",
-                    self.pod_cidr
+                    "{} is larger than a /{MAX_SERVICE_PREFIX}; use a /{MAX_SERVICE_PREFIX} or smaller",
+                    self.service_cidr
                 ),
             ));
         }
-        let blocks = 1u64 << (NODE_POD_PREFIX_LEN - self.pod_cidr.prefix_len());
-        if blocks < u64::from(self.nodes) {
-            return Err(invalid(
-                "pod-cidr",
-                format!(
-                    "{} holds {blocks} /{NODE_POD_PREFIX_LEN} node blocks, but {} nodes need one each",
-                    self.pod_cidr, self.nodes
-                ),
-            ));
+        if !vnet {
+            // Pod CIDR: one /24 per node.
+            if self.pod_cidr.prefix_len() > NODE_POD_PREFIX_LEN {
+                return Err(invalid(
+                    "pod-cidr",
+                    format!(
+                        "{} is smaller than one node's /{NODE_POD_PREFIX_LEN}",
+                        self.pod_cidr
+                    ),
+                ));
+            }
+            let blocks = 1u64 << (NODE_POD_PREFIX_LEN - self.pod_cidr.prefix_len());
+            if blocks < u64::from(self.nodes) {
+                return Err(conflict(
+                    "pod-cidr",
+                    &self.pod_cidr,
+                    "nodes",
+                    &self.nodes,
+                    &format!(
+                        "the pod CIDR holds {blocks} /{NODE_POD_PREFIX_LEN} node blocks, but every node needs one"
+                    ),
+                ));
+            }
         }
         // Node subnet: the router (.1) plus the nodes from NODE_IP_OFFSET, below broadcast.
         let hosts = 1u64 << (32 - u32::from(self.node_subnet.prefix_len()));
         if hosts < u64::from(NODE_IP_OFFSET + self.nodes) + 1 {
-            return Err(invalid(
+            return Err(conflict(
                 "node-subnet",
-                format!(
-                    "{} is too small for {} nodes (they take addresses from .{NODE_IP_OFFSET})",
-                    self.node_subnet, self.nodes
+                &self.node_subnet,
+                "nodes",
+                &self.nodes,
+                &format!(
+                    "the node subnet is too small (nodes take addresses from .{NODE_IP_OFFSET})"
                 ),
             ));
         }
         if !self.vnet_cidr.contains(&self.node_subnet) {
-            return Err(invalid(
+            return Err(conflict(
                 "node-subnet",
-                format!(
-                    "{} is not inside the VNet {} (--vnet-cidr)",
-                    self.node_subnet, self.vnet_cidr
-                ),
+                &self.node_subnet,
+                "vnet-cidr",
+                &self.vnet_cidr,
+                "the node subnet must be inside the VNet",
             ));
         }
         let external = Ipv4Net::new(EXTERNAL_GATEWAY, EXTERNAL_PREFIX_LEN)
             .map(|n| n.trunc())
             .unwrap_or_default();
-        for (option, cidr) in [
-            ("pod-cidr", &self.pod_cidr),
-            ("service-cidr", &self.service_cidr),
-            ("vnet-cidr", &self.vnet_cidr),
-        ] {
+        for (option, cidr) in &cidrs {
             if overlaps(cidr, &external) {
                 return Err(invalid(
                     option,
-                    format!("{cidr} overlaps the external host's network {external}"),
+                    format!(
+                        "{cidr} overlaps the external host's network {external} (reserved by the lab)"
+                    ),
                 ));
             }
         }
-        if overlaps(&self.pod_cidr, &self.vnet_cidr) {
-            return Err(invalid(
-                "pod-cidr",
-                format!(
-                    "{} overlaps the VNet {} (node subnet {})",
-                    self.pod_cidr, self.vnet_cidr, self.node_subnet
-                ),
-            ));
-        }
-        if overlaps(&self.pod_cidr, &self.service_cidr) {
-            return Err(invalid(
-                "pod-cidr",
-                format!(
-                    "{} overlaps the service CIDR {}",
-                    self.pod_cidr, self.service_cidr
-                ),
-            ));
+        if vnet {
+            let subnet = self.pod_subnet.unwrap_or_default();
+            if !self.vnet_cidr.contains(&subnet) {
+                return Err(conflict(
+                    "pod-subnet",
+                    &subnet,
+                    "vnet-cidr",
+                    &self.vnet_cidr,
+                    "the pod subnet must be a subnet of the VNet",
+                ));
+            }
+            if overlaps(&subnet, &self.node_subnet) {
+                return Err(conflict(
+                    "pod-subnet",
+                    &subnet,
+                    "node-subnet",
+                    &self.node_subnet,
+                    "pod and node subnets must not overlap",
+                ));
+            }
+            if overlaps(&subnet, &self.service_cidr) {
+                return Err(conflict(
+                    "pod-subnet",
+                    &subnet,
+                    "service-cidr",
+                    &self.service_cidr,
+                    "pod addresses and service addresses must not overlap",
+                ));
+            }
+            self.validate_batches(subnet)?;
+        } else {
+            for (other, other_value) in [
+                ("vnet-cidr", &self.vnet_cidr),
+                ("node-subnet", &self.node_subnet),
+                ("service-cidr", &self.service_cidr),
+            ] {
+                if overlaps(&self.pod_cidr, other_value) {
+                    return Err(conflict(
+                        "pod-cidr",
+                        &self.pod_cidr,
+                        other,
+                        other_value,
+                        "the overlay pod CIDR must not overlap it",
+                    ));
+                }
+            }
         }
         for (option, cidr) in [
             ("pod-cidr", &self.pod_cidr),
@@ -298,23 +430,83 @@ impl NetworkProfile {
                 format!("{} has host bits set", self.lb_pool),
             ));
         }
-        if overlaps(&self.service_cidr, &self.vnet_cidr) {
-            return Err(invalid(
-                "service-cidr",
-                format!("{} overlaps the VNet {}", self.service_cidr, self.vnet_cidr),
-            ));
+        for (other, other_value) in [
+            ("vnet-cidr", &self.vnet_cidr),
+            ("node-subnet", &self.node_subnet),
+        ] {
+            if overlaps(&self.service_cidr, other_value) {
+                return Err(conflict(
+                    "service-cidr",
+                    &self.service_cidr,
+                    other,
+                    other_value,
+                    "service addresses must not overlap the cluster's network",
+                ));
+            }
         }
+        let first_usable = Ipv4Addr::from(u32::from(self.service_cidr.network()).wrapping_add(1));
         if !self.service_cidr.contains(&self.dns_service_ip)
             || self.dns_service_ip == self.service_cidr.network()
             || self.dns_service_ip == self.service_cidr.broadcast()
         {
-            return Err(invalid(
+            return Err(conflict(
                 "dns-service-ip",
+                &self.dns_service_ip,
+                "service-cidr",
+                &self.service_cidr,
+                "the DNS service IP must be a usable address inside the service CIDR",
+            ));
+        }
+        if self.dns_service_ip == first_usable {
+            return Err(conflict(
+                "dns-service-ip",
+                &self.dns_service_ip,
+                "service-cidr",
+                &self.service_cidr,
+                "the first address of the service CIDR is the kubernetes Service's",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_batches(&self, subnet: Ipv4Net) -> Result<(), ProfileError> {
+        if !(1..=256).contains(&self.ip_batch_size) {
+            return Err(invalid(
+                "ip-batch-size",
+                format!("{} is out of range; use 1..=256", self.ip_batch_size),
+            ));
+        }
+        if self.ip_request_threshold_percent > 100 {
+            return Err(invalid(
+                "ip-request-threshold-percent",
                 format!(
-                    "{} must be a usable address inside the service CIDR {}",
-                    self.dns_service_ip, self.service_cidr
+                    "{} is out of range; use 0..=100",
+                    self.ip_request_threshold_percent
                 ),
             ));
+        }
+        // Releasing must leave at least the request threshold free, or nodes would flap
+        // between requesting and releasing the same batch.
+        if self.ip_release_threshold_percent < self.ip_request_threshold_percent + 100 {
+            return Err(ProfileError::Conflict {
+                option: "ip-release-threshold-percent",
+                value: self.ip_release_threshold_percent.to_string(),
+                other: "ip-request-threshold-percent",
+                other_value: self.ip_request_threshold_percent.to_string(),
+                reason: "the release threshold must be at least the request threshold + 100, or a node would release a batch it must request again at once".into(),
+            });
+        }
+        let usable = (1u64 << (32 - u32::from(subnet.prefix_len()))).saturating_sub(2);
+        if usable < u64::from(self.ip_batch_size) {
+            return Err(ProfileError::Conflict {
+                option: "pod-subnet",
+                value: subnet.to_string(),
+                other: "ip-batch-size",
+                other_value: self.ip_batch_size.to_string(),
+                reason: format!(
+                    "the pod subnet has {usable} usable addresses, less than one batch"
+                ),
+            });
         }
         Ok(())
     }
@@ -457,7 +649,11 @@ mod tests {
             dns_service_ip: Ipv4Addr::new(10, 244, 128, 10),
             ..Default::default()
         };
-        assert!(err_of(&p).contains("overlaps the service CIDR"));
+        let e = err_of(&p);
+        assert!(
+            e.contains("--pod-cidr 10.244.0.0/16") && e.contains("--service-cidr 10.244.128.0/20"),
+            "{e}"
+        );
         let p = NetworkProfile {
             service_cidr: net("203.0.113.0/24"),
             dns_service_ip: Ipv4Addr::new(203, 0, 113, 53),
@@ -492,22 +688,144 @@ mod tests {
             node_subnet: net("10.100.0.0/16"),
             ..Default::default()
         };
-        assert!(err_of(&p).contains("not inside the VNet"));
+        let e = err_of(&p);
+        assert!(
+            e.contains("10.100.0.0/16") && e.contains("--vnet-cidr 10.224.0.0/12"),
+            "{e}"
+        );
+    }
+
+    fn subnet_profile() -> NetworkProfile {
+        NetworkProfile::vnet_default(net("10.225.0.0/16"))
     }
 
     #[test]
-    fn vnet_mode_and_pod_subnet_are_refused_clearly() {
+    fn vnet_mode_needs_a_pod_subnet_inside_the_vnet_and_clear_of_the_rest() {
+        let p = subnet_profile();
+        p.validate().unwrap();
+        assert_eq!(p.max_pods, 110);
+        assert_eq!(p.pod_range(), net("10.225.0.0/16"));
         let p = NetworkProfile {
-            network_plugin_mode: NetworkPluginMode::Vnet,
-            ..Default::default()
+            pod_subnet: None,
+            ..subnet_profile()
         };
-        assert!(err_of(&p).contains("vnet mode is not available yet"));
+        assert!(err_of(&p).contains("--pod-subnet"));
+        let p = NetworkProfile {
+            pod_subnet: Some(net("10.240.0.0/16")),
+            ..subnet_profile()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--pod-subnet 10.240.0.0/16") && e.contains("--vnet-cidr 10.224.0.0/12"),
+            "{e}"
+        );
+        let p = NetworkProfile {
+            pod_subnet: Some(net("10.224.128.0/17")),
+            node_subnet: net("10.224.0.0/16"),
+            ..subnet_profile()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--pod-subnet 10.224.128.0/17") && e.contains("--node-subnet 10.224.0.0/16"),
+            "{e}"
+        );
+        let p = NetworkProfile {
+            service_cidr: net("10.225.0.0/20"),
+            dns_service_ip: Ipv4Addr::new(10, 225, 0, 10),
+            vnet_cidr: net("10.224.0.0/12"),
+            ..subnet_profile()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--pod-subnet 10.225.0.0/16") && e.contains("--service-cidr 10.225.0.0/20"),
+            "{e}"
+        );
+        // Overlay with a pod subnet names both.
         let p = NetworkProfile {
             pod_subnet: Some(net("10.225.0.0/16")),
             ..Default::default()
         };
-        assert!(err_of(&p).contains("--pod-subnet"));
+        let e = err_of(&p);
+        assert!(
+            e.contains("--pod-subnet 10.225.0.0/16") && e.contains("--network-plugin-mode overlay"),
+            "{e}"
+        );
         assert!("bogus".parse::<NetworkPluginMode>().is_err());
+    }
+
+    #[test]
+    fn batch_thresholds_must_not_flap_and_subnet_must_hold_a_batch() {
+        let p = NetworkProfile {
+            ip_release_threshold_percent: 120,
+            ..subnet_profile()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--ip-release-threshold-percent 120")
+                && e.contains("--ip-request-threshold-percent 50"),
+            "{e}"
+        );
+        let p = NetworkProfile {
+            pod_subnet: Some(net("10.225.0.0/28")),
+            ip_batch_size: 16,
+            ..subnet_profile()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--pod-subnet 10.225.0.0/28") && e.contains("--ip-batch-size 16"),
+            "{e}"
+        );
+        let p = NetworkProfile {
+            ip_batch_size: 0,
+            ..subnet_profile()
+        };
+        assert!(err_of(&p).contains("--ip-batch-size"));
+    }
+
+    #[test]
+    fn service_cidr_at_most_a_12_and_dns_not_its_first_address() {
+        let p = NetworkProfile {
+            service_cidr: net("10.0.0.0/11"),
+            ..Default::default()
+        };
+        assert!(err_of(&p).contains("--service-cidr"));
+        let p = NetworkProfile {
+            service_cidr: net("10.0.0.0/12"),
+            ..Default::default()
+        };
+        p.validate().unwrap();
+        let p = NetworkProfile {
+            dns_service_ip: Ipv4Addr::new(10, 0, 0, 1),
+            ..Default::default()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--dns-service-ip 10.0.0.1") && e.contains("--service-cidr 10.0.0.0/16"),
+            "{e}"
+        );
+        let p = NetworkProfile {
+            dns_service_ip: Ipv4Addr::new(10, 1, 0, 10),
+            ..Default::default()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--dns-service-ip 10.1.0.10") && e.contains("--service-cidr 10.0.0.0/16"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn too_many_nodes_for_the_pod_cidr_names_both() {
+        let p = NetworkProfile {
+            nodes: 5,
+            pod_cidr: net("10.244.0.0/22"),
+            ..Default::default()
+        };
+        let e = err_of(&p);
+        assert!(
+            e.contains("--pod-cidr 10.244.0.0/22") && e.contains("--nodes 5"),
+            "{e}"
+        );
     }
 
     #[test]
