@@ -1,6 +1,6 @@
 //! The pure allocator for one node's pod block.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -37,6 +37,22 @@ pub enum PoolError {
         requested: Ipv4Net,
         in_use: u32,
     },
+    #[error(
+        "no free address on this node: {assigned} assigned by the cloud, {used} in use, \
+         {releasing} being released; more have been requested"
+    )]
+    NoAddresses {
+        assigned: u32,
+        used: u32,
+        releasing: u32,
+    },
+    #[error(
+        "address {ip} is in use by a pod but the cloud no longer assigns it to this node; \
+         keeping it until the pod is deleted"
+    )]
+    AssignedAddressInUse { ip: Ipv4Addr },
+    #[error("address {ip} is not a usable address of {block}")]
+    OutsideBlock { ip: Ipv4Addr, block: Ipv4Net },
     #[error("invalid IPAM state: {0}")]
     Invalid(String),
 }
@@ -70,6 +86,11 @@ pub struct Pool<K: Ord, V> {
     holders: BTreeMap<Ipv4Addr, K>,
     /// The last address handed out; the next search starts after it.
     cursor: Option<Ipv4Addr>,
+    /// VNet mode: the addresses the cloud assigned to this node (all inside `block`, the pod
+    /// subnet). None: every host address of the block (overlay mode).
+    addresses: Option<BTreeSet<Ipv4Addr>>,
+    /// VNet mode: assigned addresses this node is giving back; never allocated again.
+    releasing: BTreeSet<Ipv4Addr>,
 }
 
 impl<K: Ord + Clone, V> Pool<K, V> {
@@ -81,6 +102,79 @@ impl<K: Ord + Clone, V> Pool<K, V> {
             leases: BTreeMap::new(),
             holders: BTreeMap::new(),
             cursor: None,
+            addresses: None,
+            releasing: BTreeSet::new(),
+        }
+    }
+
+    /// A VNet-mode pool: addresses come from `subnet`, but only those the cloud assigned
+    /// (none yet).
+    pub fn with_subnet(subnet: Ipv4Net, max_allocations: u32) -> Self {
+        let mut pool = Self::with_block(subnet, max_allocations);
+        pool.addresses = Some(BTreeSet::new());
+        pool
+    }
+
+    /// VNet mode: the assigned addresses (None in overlay mode).
+    pub fn addresses(&self) -> Option<&BTreeSet<Ipv4Addr>> {
+        self.addresses.as_ref()
+    }
+
+    pub fn releasing(&self) -> &BTreeSet<Ipv4Addr> {
+        &self.releasing
+    }
+
+    /// VNet mode: replaces the set of assigned addresses with what the cloud says. Addresses
+    /// still held by a pod are never dropped (the cloud only takes back what was released;
+    /// anything else is an error, and the held address is kept). Releasing addresses the
+    /// cloud took back are forgotten. Returns whether anything changed.
+    pub fn set_addresses(&mut self, assigned: BTreeSet<Ipv4Addr>) -> Result<bool, PoolError> {
+        let block = self.block.ok_or(PoolError::NoBlock)?;
+        if let Some(ip) = assigned.iter().find(|ip| !is_host(block, **ip)) {
+            return Err(PoolError::OutsideBlock { ip: *ip, block });
+        }
+        if let Some(ip) = self.holders.keys().find(|ip| !assigned.contains(ip)) {
+            return Err(PoolError::AssignedAddressInUse { ip: *ip });
+        }
+        let releasing: BTreeSet<Ipv4Addr> =
+            self.releasing.intersection(&assigned).copied().collect();
+        let changed = self.addresses.as_ref() != Some(&assigned) || releasing != self.releasing;
+        self.addresses = Some(assigned);
+        self.releasing = releasing;
+        Ok(changed)
+    }
+
+    /// VNet mode: marks up to `n` free addresses (highest first) as being released; returns
+    /// them. They are never allocated again.
+    pub fn mark_releasing(&mut self, n: usize) -> Vec<Ipv4Addr> {
+        let Some(addresses) = &self.addresses else {
+            return Vec::new();
+        };
+        let picked: Vec<Ipv4Addr> = addresses
+            .iter()
+            .rev()
+            .filter(|ip| !self.holders.contains_key(ip) && !self.releasing.contains(ip))
+            .take(n)
+            .copied()
+            .collect();
+        self.releasing.extend(picked.iter().copied());
+        picked
+    }
+
+    /// VNet mode: assigned addresses not being released, whatever the max-pods limit.
+    pub fn capacity_unbounded(&self) -> u32 {
+        u32::try_from(self.available()).unwrap_or(u32::MAX)
+    }
+
+    /// Addresses this pool can hand out: assigned (or the block's hosts) minus releasing.
+    fn available(&self) -> u64 {
+        match (&self.addresses, self.block) {
+            (_, None) => 0,
+            (Some(set), Some(_)) => (set.len() - self.releasing.len()) as u64,
+            (None, Some(block)) => {
+                let (first, last) = host_range(block);
+                u64::from(last - first) + 1
+            }
         }
     }
 
@@ -110,7 +204,7 @@ impl<K: Ord + Clone, V> Pool<K, V> {
         let block = block.trunc();
         match self.block {
             Some(current) if current == block => Ok(false),
-            Some(current) if !self.leases.is_empty() => Err(PoolError::BlockInUse {
+            Some(current) if !self.leases.is_empty() || self.addresses.is_some() => Err(PoolError::BlockInUse {
                 current,
                 requested: block,
                 in_use: self.used(),
@@ -126,14 +220,7 @@ impl<K: Ord + Clone, V> Pool<K, V> {
     /// How many addresses can be allocated at once: the max-pods limit or the block's usable
     /// addresses, whichever is smaller; 0 without a block.
     pub fn capacity(&self) -> u32 {
-        match self.block {
-            None => 0,
-            Some(block) => {
-                let (first, last) = host_range(block);
-                let usable = u64::from(last - first) + 1;
-                u32::try_from(usable.min(u64::from(self.max_allocations))).unwrap_or(u32::MAX)
-            }
-        }
+        u32::try_from(self.available().min(u64::from(self.max_allocations))).unwrap_or(u32::MAX)
     }
 
     pub fn used(&self) -> u32 {
@@ -175,7 +262,32 @@ impl<K: Ord + Clone, V> Pool<K, V> {
             max_pods: self.max_allocations,
         };
         if self.used() >= self.capacity() {
+            if let Some(set) = &self.addresses
+                && self.used() < self.max_allocations
+            {
+                return Err(PoolError::NoAddresses {
+                    assigned: u32::try_from(set.len()).unwrap_or(u32::MAX),
+                    used: self.used(),
+                    releasing: u32::try_from(self.releasing.len()).unwrap_or(u32::MAX),
+                });
+            }
             return Err(exhausted());
+        }
+        if let Some(set) = &self.addresses {
+            // Round-robin over the assigned set: after the cursor, then wrap.
+            let after = match self.cursor {
+                Some(c) => set.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
+                None => set.range(..),
+            };
+            let ip = after
+                .chain(set.iter())
+                .find(|ip| !self.holders.contains_key(ip) && !self.releasing.contains(ip))
+                .copied()
+                .ok_or_else(exhausted)?;
+            self.holders.insert(ip, key.clone());
+            self.leases.insert(key, Lease { ip, owner });
+            self.cursor = Some(ip);
+            return Ok((ip, true));
         }
         let (first, last) = host_range(block);
         let start = match self.cursor {
@@ -231,6 +343,10 @@ struct PoolRepr<K, V> {
     max_allocations: u32,
     cursor: Option<Ipv4Addr>,
     leases: Vec<LeaseRepr<K, V>>,
+    #[serde(default)]
+    addresses: Option<BTreeSet<Ipv4Addr>>,
+    #[serde(default)]
+    releasing: BTreeSet<Ipv4Addr>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -252,6 +368,10 @@ impl<K: Ord + Clone + Serialize, V: Serialize> Serialize for Pool<K, V> {
             max_allocations: u32,
             cursor: Option<Ipv4Addr>,
             leases: Vec<LeaseRef<'a, K, V>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            addresses: Option<&'a BTreeSet<Ipv4Addr>>,
+            #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+            releasing: &'a BTreeSet<Ipv4Addr>,
         }
         #[derive(Serialize)]
         struct LeaseRef<'a, K, V> {
@@ -273,6 +393,8 @@ impl<K: Ord + Clone + Serialize, V: Serialize> Serialize for Pool<K, V> {
                     owner: &l.owner,
                 })
                 .collect(),
+            addresses: self.addresses.as_ref(),
+            releasing: &self.releasing,
         }
         .serialize(s)
     }
@@ -304,6 +426,27 @@ impl<K: Ord + Clone + std::fmt::Debug, V> TryFrom<PoolRepr<K, V>> for Pool<K, V>
         let mut pool = Pool::new(r.max_allocations);
         pool.block = r.block.map(|b| b.trunc());
         pool.cursor = r.cursor;
+        if let Some(set) = &r.addresses {
+            let Some(block) = pool.block else {
+                return Err(PoolError::Invalid("assigned addresses but no subnet".into()));
+            };
+            if let Some(ip) = set.iter().find(|ip| !is_host(block, **ip)) {
+                return Err(PoolError::Invalid(format!(
+                    "assigned address {ip} is not a usable address of {block}"
+                )));
+            }
+            if let Some(ip) = r.releasing.iter().find(|ip| !set.contains(ip)) {
+                return Err(PoolError::Invalid(format!(
+                    "address {ip} is being released but is not assigned"
+                )));
+            }
+        } else if !r.releasing.is_empty() {
+            return Err(PoolError::Invalid(
+                "addresses are being released but none are assigned".into(),
+            ));
+        }
+        pool.addresses = r.addresses;
+        pool.releasing = r.releasing;
         for l in r.leases {
             let Some(block) = pool.block else {
                 return Err(PoolError::Invalid(format!(
@@ -314,6 +457,14 @@ impl<K: Ord + Clone + std::fmt::Debug, V> TryFrom<PoolRepr<K, V>> for Pool<K, V>
             if !is_host(block, l.ip) {
                 return Err(PoolError::Invalid(format!(
                     "address {} is not a usable address of block {block}",
+                    l.ip
+                )));
+            }
+            if let Some(set) = &pool.addresses
+                && (!set.contains(&l.ip) || pool.releasing.contains(&l.ip))
+            {
+                return Err(PoolError::Invalid(format!(
+                    "address {} is allocated but not assigned to this node (or being released)",
                     l.ip
                 )));
             }
