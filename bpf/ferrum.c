@@ -817,6 +817,12 @@ int from_pod(struct __sk_buff *skb)
 		trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, &f, tunnel, 0, 0);
 		return bpf_redirect(cfg->overlay_ifindex, 0);
 	}
+	/* VNet mode: remote pods and nodes are on the underlay, which routes them natively. */
+	if (peer && (peer->kind == FERRUM_KIND_REMOTE_POD_BLOCK ||
+		     peer->kind == FERRUM_KIND_REMOTE_NODE)) {
+		trace(skb, cfg, FERRUM_TRACE_TO_STACK, &f, 0, 0, 0);
+		return TC_ACT_OK;
+	}
 	if (cfg->local_block_prefix_len &&
 	    in_prefix(f.daddr, cfg->local_block_addr, cfg->local_block_prefix_len))
 		return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, &f);

@@ -5,6 +5,16 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 use ipnet::Ipv4Net;
 
+/// How pods get addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IpamMode {
+    /// A block of --cluster-pod-cidr per node (the Node's spec.podCIDR), VXLAN between nodes.
+    Overlay,
+    /// Addresses of the pod subnet (--cluster-pod-cidr) assigned to the node in batches by the
+    /// cloud through the node's NodeNetworkConfig; routed by the underlay, no encapsulation.
+    Vnet,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -50,6 +60,9 @@ pub struct Config {
     /// Maximum pods (addresses) on this node.
     #[arg(long, default_value_t = ferrum_ipam::DEFAULT_MAX_PODS)]
     pub max_pods: u32,
+    /// overlay or vnet (then --cluster-pod-cidr is the pod subnet).
+    #[arg(long, value_enum, default_value_t = IpamMode::Overlay)]
+    pub ipam_mode: IpamMode,
     /// VXLAN network identifier of the overlay.
     #[arg(long, default_value_t = 2)]
     pub vni: u32,

@@ -72,8 +72,22 @@ pub trait Dataplane: Send {
     fn configure_block(&mut self, block: Ipv4Net) -> anyhow::Result<()>;
 }
 
+/// VNet mode: what the cloud last said about this node's addresses.
+#[derive(Debug, Clone, Default)]
+pub struct VnetState {
+    /// The batch policy from the NodeNetworkConfig status (None until the cloud answered).
+    pub scaler: Option<ferrum_ipam::Scaler>,
+    /// The pod subnet had no address left for this node's last request.
+    pub exhausted: bool,
+    pub message: String,
+}
+
 /// The node's mutable state; the server keeps it behind one mutex.
 pub struct NodeState<D> {
+    /// VNet mode state (None in overlay mode).
+    pub vnet: Option<VnetState>,
+    /// Wakes the VNet scaler after a change to the node's address use.
+    pub wake: Option<std::sync::mpsc::Sender<()>>,
     pub store: IpamStore,
     pub dataplane: D,
     /// MTU pods get (uplink MTU minus VXLAN overhead).
@@ -87,6 +101,8 @@ pub struct NodeState<D> {
 impl<D: Dataplane> NodeState<D> {
     pub fn new(store: IpamStore, dataplane: D, pod_mtu: u32) -> Self {
         Self {
+            vnet: None,
+            wake: None,
             store,
             dataplane,
             pod_mtu,
@@ -113,8 +129,51 @@ impl<D: Dataplane> NodeState<D> {
         ))
     }
 
+    /// Asks the VNet scaler to look at the node's address use again.
+    pub fn wake_scaler(&self) {
+        if let Some(w) = &self.wake {
+            let _ = w.send(());
+        }
+    }
+
+    /// VNet mode: the request this node should have in its NodeNetworkConfig spec, from its
+    /// address use and the batch policy. Surplus addresses are first marked as being released,
+    /// durably, so they are never handed to a pod again. None until the cloud has answered once.
+    pub fn vnet_request(&mut self) -> Result<Option<ferrum_model::NncSpec>, StoreError> {
+        let Some(scaler) = self.vnet.as_ref().and_then(|v| v.scaler) else {
+            return Ok(None);
+        };
+        let pool = self.store.pool();
+        let held = pool.capacity_unbounded();
+        let target = scaler.target(pool.used(), held);
+        if target < held {
+            let n = (held - target) as usize;
+            let released = self.store.update(|p| Ok(p.mark_releasing(n)))?;
+            tracing::info!(
+                count = released.len(),
+                "releasing surplus addresses to the cloud"
+            );
+        }
+        Ok(Some(ferrum_model::NncSpec {
+            requested_ip_count: target,
+            ips_not_in_use: self.store.pool().releasing().iter().copied().collect(),
+        }))
+    }
+
     /// Serves one CNI API request.
     pub fn handle(&mut self, req: Request) -> Result<Reply, AgentError> {
+        let changes_use = matches!(
+            req,
+            Request::Allocate { .. } | Request::Release { .. } | Request::Gc { .. }
+        );
+        let reply = self.handle_inner(req);
+        if changes_use {
+            self.wake_scaler();
+        }
+        reply
+    }
+
+    fn handle_inner(&mut self, req: Request) -> Result<Reply, AgentError> {
         match req {
             Request::Allocate {
                 key,
@@ -170,10 +229,32 @@ impl<D: Dataplane> NodeState<D> {
             network,
             endpoint: None,
         };
-        let (ip, fresh) = self
-            .store
-            .allocate(key.clone(), owner)
-            .map_err(|e| store_error(&key, e))?;
+        let (ip, fresh) = match self.store.allocate(key.clone(), owner) {
+            Ok(v) => v,
+            Err(StoreError::Pool(e @ PoolError::NoAddresses { .. })) => {
+                let vnet = self.vnet.clone().unwrap_or_default();
+                return Err(if vnet.exhausted {
+                    AgentError::new(
+                        ErrorKind::Exhausted,
+                        format!(
+                            "{}/{}: {e}; the cloud cannot assign more: {}. Delete pods to free \
+                             addresses, or use a larger --pod-subnet",
+                            key.container_id, key.ifname, vnet.message
+                        ),
+                    )
+                } else {
+                    AgentError::new(
+                        ErrorKind::NotReady,
+                        format!(
+                            "{}/{}: {e}; waiting for the cloud to assign the next batch \
+                             (try again later)",
+                            key.container_id, key.ifname
+                        ),
+                    )
+                });
+            }
+            Err(e) => return Err(store_error(&key, e)),
+        };
         let block = self
             .store
             .pool()

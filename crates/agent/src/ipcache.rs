@@ -105,6 +105,40 @@ pub fn desired_ipcache(
     out
 }
 
+/// VNet mode: no tunnels. Remote nodes and every address the cloud assigned to another node
+/// (a /32 each) are reached through the underlay; own node as local.
+pub fn desired_ipcache_vnet(
+    own_ip: Ipv4Addr,
+    own_name: &str,
+    nodes: &BTreeMap<String, NodeInfo>,
+    assigned: &BTreeMap<String, Vec<Ipv4Addr>>,
+) -> BTreeMap<Ipv4Net, PeerEntry> {
+    let mut out = BTreeMap::new();
+    let remote = |kind| PeerEntry {
+        kind,
+        tunnel_endpoint: None,
+    };
+    for node in nodes.values().filter(|n| n.name != own_name) {
+        if let Some(ip) = node.internal_ip {
+            out.insert(Ipv4Net::from(ip), remote(PeerKind::RemoteNode));
+        }
+    }
+    for (node, ips) in assigned.iter().filter(|(n, _)| n.as_str() != own_name) {
+        let _ = node;
+        for ip in ips {
+            out.insert(Ipv4Net::from(*ip), remote(PeerKind::RemotePodBlock));
+        }
+    }
+    out.insert(
+        Ipv4Net::from(own_ip),
+        PeerEntry {
+            kind: PeerKind::LocalNode,
+            tunnel_endpoint: None,
+        },
+    );
+    out
+}
+
 /// The changes that turn `actual` into `desired`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diff<K, V> {

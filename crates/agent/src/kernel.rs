@@ -71,9 +71,12 @@ impl KernelDataplane {
         self.datapath
             .set_flow_events(d.flow_events)
             .context("setting the datapath's flow events")?;
-        self.datapath
-            .attach_overlay(&d.overlay)
-            .with_context(|| format!("attaching the overlay programs to {}", d.overlay))?;
+        // VNet mode has no overlay device.
+        if d.overlay_ifindex != 0 {
+            self.datapath
+                .attach_overlay(&d.overlay)
+                .with_context(|| format!("attaching the overlay programs to {}", d.overlay))?;
+        }
         self.datapath
             .attach_uplink(&d.uplink)
             .with_context(|| format!("attaching the uplink programs to {}", d.uplink))?;

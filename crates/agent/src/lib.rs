@@ -82,6 +82,7 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
                 config.uplink
             )
         })?;
+    let vnet = config.ipam_mode == config::IpamMode::Vnet;
     if uplink.mtu <= VXLAN_OVERHEAD + 576 {
         bail!(
             "uplink {} MTU {} is too small for the overlay",
@@ -89,7 +90,12 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
             uplink.mtu
         );
     }
-    let pod_mtu = uplink.mtu - VXLAN_OVERHEAD;
+    // VNet mode routes pods natively on the underlay: no encapsulation, full MTU.
+    let pod_mtu = if vnet {
+        uplink.mtu
+    } else {
+        uplink.mtu - VXLAN_OVERHEAD
+    };
 
     let datapath = Datapath::open(&config.bpf_pin_dir).with_context(|| {
         format!(
@@ -100,33 +106,60 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
     let mut store =
         IpamStore::open(&config.state_dir, config.max_pods).context("opening the IPAM store")?;
 
-    let overlay = netlink
-        .ensure_vxlan_external(OVERLAY_DEVICE, VXLAN_PORT, pod_mtu)
-        .with_context(|| format!("creating the overlay device {OVERLAY_DEVICE}"))?;
-    for (key, value) in [
+    let overlay_ifindex = if vnet {
+        store
+            .update(|p| {
+                match p.addresses() {
+                    Some(_) => p.set_block(config.cluster_pod_cidr).map(|_| ())?,
+                    None if p.block().is_none() => {
+                        *p = ferrum_ipam::Pool::with_subnet(config.cluster_pod_cidr, config.max_pods);
+                    }
+                    None => {
+                        return Err(ferrum_ipam::PoolError::Invalid(format!(
+                            "the IPAM store holds overlay block {:?}; it cannot switch to VNet mode",
+                            p.block()
+                        )));
+                    }
+                }
+                Ok(())
+            })
+            .context("preparing the IPAM store for VNet mode")?;
+        0
+    } else {
+        netlink
+            .ensure_vxlan_external(OVERLAY_DEVICE, VXLAN_PORT, pod_mtu)
+            .with_context(|| format!("creating the overlay device {OVERLAY_DEVICE}"))?
+            .index
+    };
+    let mut sysctls = vec![
         ("net.ipv4.ip_forward", "1"),
         ("net.ipv4.conf.all.rp_filter", "0"),
         ("net.ipv4.conf.default.rp_filter", "0"),
-        ("net/ipv4/conf/ferrum_vxlan/rp_filter", "0"),
         // SNAT owns the ports above this range on the node IP.
         ("net.ipv4.ip_local_port_range", kernel::LOCAL_PORT_RANGE),
-    ] {
+    ];
+    if !vnet {
+        sysctls.push(("net/ipv4/conf/ferrum_vxlan/rp_filter", "0"));
+    }
+    for (key, value) in sysctls {
         set_sysctl(key, value).with_context(|| format!("setting {key}={value}"))?;
     }
-    netlink
-        .replace_route(
-            config.cluster_pod_cidr,
-            OVERLAY_DEVICE,
-            None,
-            true,
-            Some(node_ip),
-        )
-        .with_context(|| {
-            format!(
-                "routing the cluster pod CIDR {} via {OVERLAY_DEVICE}",
-                config.cluster_pod_cidr
+    if !vnet {
+        netlink
+            .replace_route(
+                config.cluster_pod_cidr,
+                OVERLAY_DEVICE,
+                None,
+                true,
+                Some(node_ip),
             )
-        })?;
+            .with_context(|| {
+                format!(
+                    "routing the cluster pod CIDR {} via {OVERLAY_DEVICE}",
+                    config.cluster_pod_cidr
+                )
+            })?;
+    }
 
     let mut dataplane = KernelDataplane::new(
         datapath,
@@ -136,13 +169,18 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
             cluster_cidr: config.cluster_pod_cidr,
             uplink: config.uplink.clone(),
             uplink_ifindex: uplink.index,
-            overlay: OVERLAY_DEVICE.into(),
-            overlay_ifindex: overlay.index,
+            overlay: if vnet {
+                String::new()
+            } else {
+                OVERLAY_DEVICE.into()
+            },
+            overlay_ifindex,
             vni: config.vni,
             flow_events: config.flow_events.into(),
         },
     );
     // A restarted agent keeps forwarding for the block it had; the watch confirms it later.
+    // VNet: local pods are anywhere in the pod subnet; the datapath's local range is all of it.
     if let Some(block) = store.pool().block() {
         dataplane.configure_block(block)?;
     }
@@ -157,8 +195,19 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
         .take_events()
         .context("opening the datapath event ring")?;
 
-    let state: SharedState<KernelDataplane> =
-        Arc::new(Mutex::new(NodeState::new(store, dataplane, pod_mtu)));
+    let mut node_state = NodeState::new(store, dataplane, pod_mtu);
+    let scaler_wake = if vnet {
+        node_state.vnet = Some(handler::VnetState::default());
+        node_state.not_ready_reason =
+            Some("waiting for the cloud to assign this node's first batch of addresses".into());
+        let (tx, rx) = std::sync::mpsc::channel();
+        node_state.wake = Some(tx);
+        Some(rx)
+    } else {
+        None
+    };
+    let requester = source.ip_requester();
+    let state: SharedState<KernelDataplane> = Arc::new(Mutex::new(node_state));
     let counters: SharedCounters = Arc::new(Mutex::new(EventCounters::default()));
 
     let listener = server::bind(&config.socket)?;
@@ -200,6 +249,16 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
         cluster_cidr: config.cluster_pod_cidr,
         lb_algorithm: config.lb_algorithm.to_lb(),
     };
+    if let Some(wake) = scaler_wake {
+        let requester = requester.context(
+            "VNet mode needs a cluster source that can send address requests to the cloud",
+        )?;
+        spawn("ipam-scaler", {
+            let state = Arc::clone(&state);
+            let node = config.node_name.clone();
+            move || watch::scaler_loop(requester, wake, state, node)
+        })?;
+    }
     spawn("watch", {
         let state = Arc::clone(&state);
         move || watch::watch_loop(source, state, id)

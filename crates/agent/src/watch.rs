@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ferrum_model::{AgentReport, Object, Source, WatchEvent};
+use ferrum_model::{AgentReport, NodeNetworkConfig, Object, Source, WatchEvent};
 use ipnet::Ipv4Net;
 
 use crate::handler::{Dataplane, NodeState};
-use crate::ipcache::{NodeInfo, desired_ipcache, diff};
+use crate::ipcache::{NodeInfo, desired_ipcache, desired_ipcache_vnet, diff};
 use crate::server::SharedState;
 
 /// The nodes as last listed, rebuilt from scratch after the source reconnects.
@@ -18,6 +18,9 @@ pub struct NodeTable {
     nodes: BTreeMap<String, NodeInfo>,
     /// A listing in progress after a reconnect: it replaces `nodes` at its Synced.
     relisting: Option<BTreeMap<String, NodeInfo>>,
+    /// VNet mode: every node's NodeNetworkConfig, by node name.
+    nncs: BTreeMap<String, NodeNetworkConfig>,
+    relisting_nncs: Option<BTreeMap<String, NodeNetworkConfig>>,
 }
 
 impl NodeTable {
@@ -25,9 +28,14 @@ impl NodeTable {
         &self.nodes
     }
 
+    pub fn nncs(&self) -> &BTreeMap<String, NodeNetworkConfig> {
+        &self.nncs
+    }
+
     /// The source failed: the next events are a full listing.
     pub fn start_relist(&mut self) {
         self.relisting = Some(BTreeMap::new());
+        self.relisting_nncs = Some(BTreeMap::new());
     }
 
     /// Applies one event; returns the revision when the event is a `Synced`.
@@ -35,6 +43,22 @@ impl NodeTable {
         if matches!(event, WatchEvent::Relist) {
             self.start_relist();
             return None;
+        }
+        let nncs = self.relisting_nncs.as_mut().unwrap_or(&mut self.nncs);
+        match &event {
+            WatchEvent::Upsert {
+                object: Object::NodeNetworkConfig(n),
+            } => {
+                nncs.insert(n.node().to_string(), n.clone());
+                return None;
+            }
+            WatchEvent::Delete {
+                object: Object::NodeNetworkConfig(n),
+            } => {
+                nncs.remove(n.node());
+                return None;
+            }
+            _ => {}
         }
         let target = self.relisting.as_mut().unwrap_or(&mut self.nodes);
         match event {
@@ -55,6 +79,9 @@ impl NodeTable {
             WatchEvent::Synced { revision } => {
                 if let Some(listed) = self.relisting.take() {
                     self.nodes = listed;
+                }
+                if let Some(listed) = self.relisting_nncs.take() {
+                    self.nncs = listed;
                 }
                 Some(revision)
             }
@@ -89,6 +116,93 @@ pub fn own_block(id: &NodeIdentity, nodes: &BTreeMap<String, NodeInfo>) -> Resul
         ));
     }
     Ok(block)
+}
+
+/// VNet mode: takes this node's addresses from its NodeNetworkConfig status, and points the
+/// ipcache at every other node's addresses (no tunnels).
+pub fn realize_vnet<D: Dataplane>(
+    state: &mut NodeState<D>,
+    id: &NodeIdentity,
+    table: &NodeTable,
+) -> anyhow::Result<()> {
+    let own = table.nncs().get(&id.name);
+    match own.and_then(|n| n.status.as_ref()) {
+        Some(status) => {
+            let assigned = status.assigned_ips.iter().copied().collect();
+            match state.store.update(|p| p.set_addresses(assigned)) {
+                Ok(true) => tracing::info!(
+                    assigned = status.assigned_ips.len(),
+                    free = state.store.pool().free(),
+                    "node addresses updated by the cloud"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::error!("cannot take the cloud's address assignment: {e}"),
+            }
+            let s = status.scaler;
+            let vnet = state.vnet.get_or_insert_default();
+            vnet.scaler = Some(ferrum_ipam::Scaler {
+                batch_size: s.batch_size.max(1),
+                request_threshold_percent: s.request_threshold_percent,
+                release_threshold_percent: s.release_threshold_percent,
+                max_ip_count: s.max_ip_count,
+            });
+            vnet.exhausted = status.subnet_exhausted;
+            vnet.message = status.message.clone();
+            state.block_confirmed = true;
+            state.not_ready_reason = None;
+        }
+        None => {
+            let why = format!(
+                "waiting for the cloud to assign addresses (NodeNetworkConfig kube-system/{} has {})",
+                id.name,
+                if own.is_some() {
+                    "no status yet"
+                } else {
+                    "not been created"
+                }
+            );
+            state.block_confirmed = false;
+            state.not_ready_reason = Some(why);
+        }
+    }
+    state.wake_scaler();
+    let assigned: BTreeMap<String, Vec<Ipv4Addr>> = table
+        .nncs()
+        .iter()
+        .map(|(n, c)| {
+            (
+                n.clone(),
+                c.status
+                    .as_ref()
+                    .map(|s| s.assigned_ips.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let desired = desired_ipcache_vnet(id.ip, &id.name, table.nodes(), &assigned);
+    reconcile_ipcache(state, &desired)
+}
+
+fn reconcile_ipcache<D: Dataplane>(
+    state: &mut NodeState<D>,
+    desired: &BTreeMap<Ipv4Net, crate::ipcache::PeerEntry>,
+) -> anyhow::Result<()> {
+    let actual = state.dataplane.ipcache()?;
+    let changes = diff(desired, &actual);
+    for prefix in &changes.removes {
+        state.dataplane.remove_ipcache(*prefix)?;
+    }
+    for (prefix, entry) in &changes.upserts {
+        state.dataplane.upsert_ipcache(*prefix, entry)?;
+    }
+    if !changes.is_empty() {
+        tracing::info!(
+            upserts = changes.upserts.len(),
+            removes = changes.removes.len(),
+            "ipcache reconciled"
+        );
+    }
+    Ok(())
 }
 
 /// Brings IPAM and the ipcache in line with `nodes`. IPAM readiness follows the node's block;
@@ -175,6 +289,62 @@ pub fn realize_services<D: crate::services::LbDataplane>(
     Ok(())
 }
 
+/// VNet mode: keeps the node's NodeNetworkConfig spec in line with its address use. Woken by
+/// every allocation, release and cloud answer; pushes only when the request changed, and
+/// retries a failed push.
+pub fn scaler_loop<D: Dataplane>(
+    mut requester: Box<dyn ferrum_model::IpRequester>,
+    wake: std::sync::mpsc::Receiver<()>,
+    state: SharedState<D>,
+    node: String,
+) {
+    let mut pushed: Option<ferrum_model::NncSpec> = None;
+    let mut retry = false;
+    loop {
+        let timeout = if retry {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(30)
+        };
+        match wake.recv_timeout(timeout) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        while wake.try_recv().is_ok() {}
+        let spec = {
+            let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.vnet_request() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot record addresses being released: {e}");
+                    retry = true;
+                    continue;
+                }
+            }
+        };
+        let Some(spec) = spec else { continue };
+        if pushed.as_ref() == Some(&spec) {
+            retry = false;
+            continue;
+        }
+        match requester.request_ips(&node, &spec) {
+            Ok(()) => {
+                tracing::info!(
+                    requested = spec.requested_ip_count,
+                    releasing = spec.ips_not_in_use.len(),
+                    "asked the cloud for addresses"
+                );
+                pushed = Some(spec);
+                retry = false;
+            }
+            Err(e) => {
+                tracing::warn!("cannot send the address request to the cloud: {e}; retrying");
+                retry = true;
+            }
+        }
+    }
+}
+
 /// Runs until the process ends: consume events, realize at each Synced, report.
 pub fn watch_loop<D: Dataplane + crate::services::LbDataplane>(
     mut source: Box<dyn Source>,
@@ -205,7 +375,12 @@ pub fn watch_loop<D: Dataplane + crate::services::LbDataplane>(
         };
         let report = {
             let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
-            let realized = realize(&mut guard, &id, table.nodes()).and_then(|()| {
+            let realized = if guard.vnet.is_some() {
+                realize_vnet(&mut guard, &id, &table)
+            } else {
+                realize(&mut guard, &id, table.nodes())
+            }
+            .and_then(|()| {
                 realize_services(
                     &mut guard.dataplane,
                     &id,

@@ -36,9 +36,9 @@ pub struct UpArgs {
     pub service_cidr: String,
     #[arg(long, default_value = "10.0.0.10")]
     pub dns_service_ip: String,
-    /// Maximum pods per node (10-250).
-    #[arg(long, default_value_t = np::MAX_MAX_PODS)]
-    pub max_pods: u32,
+    /// Maximum pods per node (10-250; default 250 overlay, 110 vnet).
+    #[arg(long)]
+    pub max_pods: Option<u32>,
     /// The lab's virtual network; the node subnet must be inside it.
     #[arg(long, default_value = "10.224.0.0/12")]
     pub vnet_cidr: String,
@@ -55,6 +55,15 @@ pub struct UpArgs {
     /// ferrum.io/lb-algorithm).
     #[arg(long, default_value = "random")]
     pub lb_algorithm: String,
+    /// VNet mode: addresses a node receives per batch.
+    #[arg(long, default_value_t = np::DEFAULT_IP_BATCH_SIZE)]
+    pub ip_batch_size: u32,
+    /// VNet mode: request a batch when fewer than this percent of a batch is free.
+    #[arg(long, default_value_t = np::DEFAULT_IP_REQUEST_THRESHOLD_PERCENT)]
+    pub ip_request_threshold_percent: u32,
+    /// VNet mode: release a batch when more than this percent of a batch is free.
+    #[arg(long, default_value_t = np::DEFAULT_IP_RELEASE_THRESHOLD_PERCENT)]
+    pub ip_release_threshold_percent: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -78,13 +87,16 @@ pub struct ExecArgs {
 
 impl UpArgs {
     fn profile(&self) -> Result<NetworkProfile> {
+        let mode = self.network_plugin_mode.parse::<NetworkPluginMode>()?;
         let profile = NetworkProfile {
-            network_plugin_mode: self.network_plugin_mode.parse::<NetworkPluginMode>()?,
+            network_plugin_mode: mode,
             nodes: self.nodes,
             pod_cidr: np::parse_cidr("pod-cidr", &self.pod_cidr)?,
             service_cidr: np::parse_cidr("service-cidr", &self.service_cidr)?,
             dns_service_ip: np::parse_ip("dns-service-ip", &self.dns_service_ip)?,
-            max_pods: self.max_pods,
+            max_pods: self
+                .max_pods
+                .unwrap_or_else(|| NetworkProfile::default_max_pods(mode)),
             vnet_cidr: np::parse_cidr("vnet-cidr", &self.vnet_cidr)?,
             node_subnet: np::parse_cidr("node-subnet", &self.node_subnet)?,
             pod_subnet: self
@@ -94,6 +106,9 @@ impl UpArgs {
                 .transpose()?,
             lb_pool: np::parse_cidr("lb-pool", &self.lb_pool)?,
             lb_algorithm: self.lb_algorithm.clone(),
+            ip_batch_size: self.ip_batch_size,
+            ip_request_threshold_percent: self.ip_request_threshold_percent,
+            ip_release_threshold_percent: self.ip_release_threshold_percent,
         };
         profile.validate()?;
         Ok(profile)
@@ -239,12 +254,12 @@ fn wait_ready(paths: &LabPaths, profile: &NetworkProfile, daemon: &mut Child) ->
 
 fn print_summary(paths: &LabPaths, profile: &NetworkProfile, took: Duration) {
     println!(
-        "lab {:?} is up in {:.1}s: {} nodes, {} mode, pod CIDR {}, service CIDR {}",
+        "lab {:?} is up in {:.1}s: {} nodes, {} mode, pod addresses from {}, service CIDR {}",
         paths.name,
         took.as_secs_f64(),
         profile.nodes,
         profile.network_plugin_mode,
-        profile.pod_cidr,
+        profile.pod_range(),
         profile.service_cidr
     );
     for (i, node) in profile.node_names().iter().enumerate() {
@@ -252,7 +267,10 @@ fn print_summary(paths: &LabPaths, profile: &NetworkProfile, took: Duration) {
         println!(
             "  {node}  ip {}  podCIDR {}  netns {}",
             profile.node_ip(i),
-            profile.node_pod_cidr(i),
+            match profile.network_plugin_mode {
+                NetworkPluginMode::Overlay => profile.node_pod_cidr(i).to_string(),
+                NetworkPluginMode::Vnet => format!("- (batches from {})", profile.pod_range()),
+            },
             paths.node_netns(node)
         );
     }
@@ -310,7 +328,8 @@ pub fn status(name: &str, args: StatusArgs) -> Result<()> {
                 "name": node,
                 "netns": paths.node_netns(node),
                 "ip": profile.node_ip(i).to_string(),
-                "podCIDR": profile.node_pod_cidr(i).to_string(),
+                "podCIDR": (profile.network_plugin_mode == NetworkPluginMode::Overlay)
+                    .then(|| profile.node_pod_cidr(i).to_string()),
                 "ready": reports.get(&format!("agent/{node}")).is_some_and(|r| r.ready),
                 "agentPid": agent_pid,
                 // Reachable from inside the node's netns (and the fabric).

@@ -347,6 +347,18 @@ fn row(kind: Kind, object: &Object, wide: bool, now: i64) -> Vec<String> {
                 .unwrap_or_else(|| "Active".into());
             vec![name, phase, age]
         }
+        Object::NodeNetworkConfig(n) => {
+            let (assigned, subnet) = n.status.as_ref().map_or((0, "<none>".to_string()), |s| {
+                (s.assigned_ips.len(), s.pod_subnet.clone())
+            });
+            vec![
+                name,
+                n.spec.requested_ip_count.to_string(),
+                assigned.to_string(),
+                subnet,
+                age,
+            ]
+        }
         Object::NetworkPolicy(np) => {
             let sel = selector_text(np.spec.as_ref().and_then(|s| s.pod_selector.as_ref()));
             vec![name, sel, age]
@@ -389,6 +401,7 @@ fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Node => vec!["NAME", "STATUS", "ROLES", "AGE", "VERSION"],
         Kind::Namespace => vec!["NAME", "STATUS", "AGE"],
         Kind::NetworkPolicy => vec!["NAME", "POD-SELECTOR", "AGE"],
+        Kind::NodeNetworkConfig => vec!["NAME", "REQUESTED IPS", "ASSIGNED IPS", "SUBNET", "AGE"],
         Kind::EndpointSlice => vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
     };
     if wide {

@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(a.assign("n1").unwrap(), net("10.244.1.0/24"));
         assert_eq!(a.assign("n0").unwrap(), net("10.244.0.0/24"));
         let e = a.assign("n2").unwrap_err().to_string();
-        assert!(e.contains("n2") && e.contains("10.244.0.0/23") && e.contains("lab update"), "{e}");
+        assert!(
+            e.contains("n2") && e.contains("10.244.0.0/23") && e.contains("lab update"),
+            "{e}"
+        );
         a.release("n0");
         assert_eq!(a.assign("n2").unwrap(), net("10.244.0.0/24"));
     }
@@ -173,7 +176,10 @@ mod tests {
         a.assign("n0").unwrap();
         assert!(a.assign("n1").is_err());
         let e = a.expand(net("10.245.0.0/16")).unwrap_err().to_string();
-        assert!(e.contains("10.245.0.0/16") && e.contains("10.244.0.0/24"), "{e}");
+        assert!(
+            e.contains("10.245.0.0/16") && e.contains("10.244.0.0/24"),
+            "{e}"
+        );
         assert!(a.expand(net("10.244.0.0/16")).unwrap());
         assert_eq!(a.block_of("n0"), Some(net("10.244.0.0/24")));
         assert_eq!(a.assign("n1").unwrap(), net("10.244.1.0/24"));
@@ -185,9 +191,18 @@ mod tests {
     fn adopt_checks_shape_and_duplicates() {
         let mut a = BlockAllocator::new(net("10.244.0.0/16"), 24).unwrap();
         a.adopt("n0", net("10.244.3.0/24")).unwrap();
-        assert!(matches!(a.adopt("n1", net("10.244.3.0/24")), Err(BlockError::Duplicate { .. })));
-        assert!(matches!(a.adopt("n1", net("10.9.3.0/24")), Err(BlockError::Foreign { .. })));
-        assert!(matches!(a.adopt("n1", net("10.244.4.0/25")), Err(BlockError::Foreign { .. })));
+        assert!(matches!(
+            a.adopt("n1", net("10.244.3.0/24")),
+            Err(BlockError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            a.adopt("n1", net("10.9.3.0/24")),
+            Err(BlockError::Foreign { .. })
+        ));
+        assert!(matches!(
+            a.adopt("n1", net("10.244.4.0/25")),
+            Err(BlockError::Foreign { .. })
+        ));
         assert_eq!(a.assign("n1").unwrap(), net("10.244.0.0/24"));
     }
 

@@ -204,11 +204,13 @@ impl<K: Ord + Clone, V> Pool<K, V> {
         let block = block.trunc();
         match self.block {
             Some(current) if current == block => Ok(false),
-            Some(current) if !self.leases.is_empty() || self.addresses.is_some() => Err(PoolError::BlockInUse {
-                current,
-                requested: block,
-                in_use: self.used(),
-            }),
+            Some(current) if !self.leases.is_empty() || self.addresses.is_some() => {
+                Err(PoolError::BlockInUse {
+                    current,
+                    requested: block,
+                    in_use: self.used(),
+                })
+            }
             _ => {
                 self.block = Some(block);
                 self.cursor = None;
@@ -428,7 +430,9 @@ impl<K: Ord + Clone + std::fmt::Debug, V> TryFrom<PoolRepr<K, V>> for Pool<K, V>
         pool.cursor = r.cursor;
         if let Some(set) = &r.addresses {
             let Some(block) = pool.block else {
-                return Err(PoolError::Invalid("assigned addresses but no subnet".into()));
+                return Err(PoolError::Invalid(
+                    "assigned addresses but no subnet".into(),
+                ));
             };
             if let Some(ip) = set.iter().find(|ip| !is_host(block, **ip)) {
                 return Err(PoolError::Invalid(format!(

@@ -52,17 +52,13 @@ impl Scaler {
             return held.min(self.max_ip_count.max(used));
         }
         let want = (used + self.min_free()).div_ceil(self.batch_size) * self.batch_size;
-        want.max(self.batch_size)
-            .min(self.max_ip_count)
-            .max(used)
+        want.max(self.batch_size).min(self.max_ip_count).max(used)
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubnetError {
-    #[error(
-        "address {ip} is not a usable address of the pod subnet {subnet}"
-    )]
+    #[error("address {ip} is not a usable address of the pod subnet {subnet}")]
     Outside { ip: Ipv4Addr, subnet: Ipv4Net },
     #[error("address {ip} is assigned to both {first} and {second}")]
     Duplicate {
@@ -202,7 +198,11 @@ impl SubnetAllocator {
                 if !self.holders.contains_key(&ip) {
                     break ip;
                 }
-                candidate = if candidate == last { first } else { candidate + 1 };
+                candidate = if candidate == last {
+                    first
+                } else {
+                    candidate + 1
+                };
             };
             self.holders.insert(ip, node.to_string());
             self.cursor = Some(ip);
@@ -282,7 +282,10 @@ mod tests {
         let err = SubnetAllocator::restore(net("10.225.0.0/24"), [("a", &s), ("b", &s)])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("10.225.0.5") && err.contains("a") && err.contains("b"), "{err}");
+        assert!(
+            err.contains("10.225.0.5") && err.contains("a") && err.contains("b"),
+            "{err}"
+        );
         let c = SubnetAllocator::restore(net("10.225.0.0/24"), [("a", &s)]).unwrap();
         assert_eq!(c.holder("10.225.0.5".parse().unwrap()), Some("a"));
     }

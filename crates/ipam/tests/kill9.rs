@@ -147,7 +147,11 @@ fn run(mode: &str) {
         let mut ips: Vec<Ipv4Addr> = actual.values().copied().collect();
         ips.sort();
         ips.dedup();
-        assert_eq!(ips.len(), actual.len(), "round {round}: an address is held twice");
+        assert_eq!(
+            ips.len(),
+            actual.len(),
+            "round {round}: an address is held twice"
+        );
         let matches = actual == expected
             || match &in_flight {
                 Some((op, key)) if op == "alloc" => {
@@ -168,9 +172,15 @@ fn run(mode: &str) {
             "round {round}: store after SIGKILL differs from the acknowledged state \
              (in flight: {in_flight:?})\nexpected {expected:?}\nactual {actual:?}"
         );
-        assert_eq!(after.pool().free() + after.pool().used(), after.pool().capacity());
+        assert_eq!(
+            after.pool().free() + after.pool().used(),
+            after.pool().capacity()
+        );
     }
-    assert!(total_acked > 20, "the child did too little work to prove anything ({total_acked} ops)");
+    assert!(
+        total_acked > 20,
+        "the child did too little work to prove anything ({total_acked} ops)"
+    );
     eprintln!("{mode}: {total_acked} acknowledged operations across 12 SIGKILLs");
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ferrum_model::{AgentReport, Kind, Object, ObjectRef, WatchEvent};
+use ferrum_model::{AgentReport, Kind, NncSpec, Object, ObjectRef, WatchEvent};
 use k8s_openapi::api::core::v1::PodStatus;
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +69,11 @@ pub enum Request {
     },
     Reports,
     Revision,
+    /// VNet mode: a node's request for addresses (its NodeNetworkConfig spec).
+    UpdateNncSpec {
+        name: String,
+        spec: NncSpec,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

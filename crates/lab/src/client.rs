@@ -7,7 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferrum_model::{AgentReport, Kind, Object, ObjectRef, Source, SourceError, WatchEvent};
+use ferrum_model::{
+    AgentReport, IpRequester, Kind, NncSpec, Object, ObjectRef, Source, SourceError, WatchEvent,
+};
 use k8s_openapi::api::core::v1::PodStatus;
 
 use crate::api::{ApplyOutcome, Request, Response};
@@ -182,6 +184,18 @@ impl LabClient {
         }
     }
 
+    /// VNet mode: writes a node's NodeNetworkConfig spec (its address request).
+    pub fn update_nnc_spec(&self, name: &str, spec: NncSpec) -> Result<u64, ClientError> {
+        let request = Request::UpdateNncSpec {
+            name: name.to_string(),
+            spec,
+        };
+        match self.call(&request, ANSWER_TIMEOUT)? {
+            Response::Revision { revision } => Ok(revision),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
     pub fn revision(&self) -> Result<u64, ClientError> {
         match self.call(&Request::Revision, ANSWER_TIMEOUT)? {
             Response::Revision { revision } => Ok(revision),
@@ -287,6 +301,18 @@ impl Source for LabSource {
     fn report(&mut self, report: &AgentReport) -> Result<(), SourceError> {
         self.client
             .report(&self.component, report.clone())
+            .map_err(|e| SourceError::Disconnected(e.to_string()))
+    }
+
+    fn ip_requester(&self) -> Option<Box<dyn IpRequester>> {
+        Some(Box::new(self.client.clone()))
+    }
+}
+
+impl IpRequester for LabClient {
+    fn request_ips(&mut self, node: &str, spec: &NncSpec) -> Result<(), SourceError> {
+        self.update_nnc_spec(node, spec.clone())
+            .map(|_| ())
             .map_err(|e| SourceError::Disconnected(e.to_string()))
     }
 }

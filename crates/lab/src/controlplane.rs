@@ -9,8 +9,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ferrum_model::nnc::NNC_NAMESPACE;
 use ferrum_model::{
-    AgentReport, Kind, Object, ObjectRef, ValidationError, WatchEvent, normalize, validate,
+    AgentReport, Kind, NncSpec, NncStatus, NodeNetworkConfig, Object, ObjectRef, ValidationError,
+    WatchEvent, normalize, validate,
 };
 use k8s_openapi::api::core::v1::{Namespace, NamespaceStatus, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -44,6 +46,10 @@ pub enum CpError {
     NoNodes { object: String },
     #[error("not found: {}; nothing was deleted", list_refs(.0))]
     NotFound(Vec<ObjectRef>),
+    #[error(
+        "NodeNetworkConfig {name} not found: this lab is not in VNet mode, or node {name} does not exist"
+    )]
+    NncNotFound { name: String },
     #[error("Pod {namespace}/{name} not found")]
     PodNotFound { namespace: String, name: String },
     #[error("{object}: this namespace may not be deleted")]
@@ -339,6 +345,43 @@ impl ControlPlane {
         pod.metadata.resource_version = Some(revision.to_string());
         let event = WatchEvent::Upsert {
             object: Object::Pod(pod.clone()),
+        };
+        self.commit(&mut state, work, revision, vec![event])?;
+        Ok(revision)
+    }
+
+    /// VNet mode: a node's request (the agent writes its NodeNetworkConfig spec).
+    pub fn update_nnc_spec(&self, name: &str, spec: NncSpec) -> Result<u64, CpError> {
+        self.update_nnc(name, |nnc| nnc.spec = spec)
+    }
+
+    /// VNet mode: the cloud's answer (the lab's cloud writes the status).
+    pub fn update_nnc_status(&self, name: &str, status: NncStatus) -> Result<u64, CpError> {
+        self.update_nnc(name, |nnc| nnc.status = Some(status))
+    }
+
+    fn update_nnc(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut NodeNetworkConfig),
+    ) -> Result<u64, CpError> {
+        let mut state = self.lock();
+        let key = ObjectRef::new(Kind::NodeNetworkConfig, Some(NNC_NAMESPACE), name);
+        let mut work = state.store.objects().clone();
+        let Some(Object::NodeNetworkConfig(nnc)) = work.get_mut(&key) else {
+            return Err(CpError::NncNotFound {
+                name: name.to_string(),
+            });
+        };
+        let before = nnc.clone();
+        change(nnc);
+        if *nnc == before {
+            return Ok(state.store.revision());
+        }
+        let revision = state.store.revision() + 1;
+        nnc.metadata.resource_version = Some(revision.to_string());
+        let event = WatchEvent::Upsert {
+            object: Object::NodeNetworkConfig(nnc.clone()),
         };
         self.commit(&mut state, work, revision, vec![event])?;
         Ok(revision)

@@ -18,11 +18,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
-use ferrum_model::{Kind, Object};
+use ferrum_model::{Kind, NodeNetworkConfig, Object};
 
 use crate::controlplane::ControlPlane;
 use crate::fabric;
-use crate::network_profile::NetworkProfile;
+use crate::network_profile::{NetworkPluginMode, NetworkProfile};
 use crate::profile::LabPaths;
 use crate::runtime::{Runtime, RuntimeConfig};
 
@@ -98,8 +98,20 @@ pub fn agent_log(paths: &LabPaths, node: &str) -> PathBuf {
 /// The Node object the lab registers for node `index` (Ready until an agent says otherwise is
 /// false).
 pub fn node_object(profile: &NetworkProfile, index: u32, ready: bool) -> Node {
+    let pod_cidr = (profile.network_plugin_mode == NetworkPluginMode::Overlay)
+        .then(|| profile.node_pod_cidr(index));
+    node_object_with(profile, index, ready, pod_cidr)
+}
+
+/// The Node object with a given pod CIDR (overlay: the node's block; VNet: none, as on AKS).
+pub fn node_object_with(
+    profile: &NetworkProfile,
+    index: u32,
+    ready: bool,
+    pod_cidr: Option<ipnet::Ipv4Net>,
+) -> Node {
     let name = crate::network_profile::node_name(index);
-    let pod_cidr = profile.node_pod_cidr(index).to_string();
+    let pod_cidr = pod_cidr.map(|c| c.to_string());
     Node {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -110,8 +122,8 @@ pub fn node_object(profile: &NetworkProfile, index: u32, ready: bool) -> Node {
             ..Default::default()
         },
         spec: Some(NodeSpec {
-            pod_cidr: Some(pod_cidr.clone()),
-            pod_cidrs: Some(vec![pod_cidr]),
+            pod_cidr: pod_cidr.clone(),
+            pod_cidrs: pod_cidr.map(|c| vec![c]),
             ..Default::default()
         }),
         status: Some(NodeStatus {
@@ -150,6 +162,64 @@ fn node_ready(node: &Node) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The Nodes (and in VNet mode their NodeNetworkConfigs) the lab still has to register. In
+/// overlay mode each new node gets the lowest free block of the pod CIDR; a node that cannot
+/// get one is refused with an error naming it and the CIDR.
+pub fn missing_objects(
+    cp: &ControlPlane,
+    profile: &NetworkProfile,
+    existing: &[String],
+) -> Result<Vec<Object>, String> {
+    let mut out = Vec::new();
+    let mut blocks = ferrum_ipam::BlockAllocator::new(
+        profile.pod_cidr,
+        crate::network_profile::NODE_POD_PREFIX_LEN,
+    )
+    .map_err(|e| e.to_string())?;
+    if profile.network_plugin_mode == NetworkPluginMode::Overlay {
+        for o in cp.list(Kind::Node, None) {
+            if let Object::Node(n) = o
+                && let Some(cidr) = n.spec.as_ref().and_then(|s| s.pod_cidr.as_deref())
+                && let Ok(cidr) = cidr.parse()
+            {
+                blocks
+                    .adopt(n.metadata.name.as_deref().unwrap_or_default(), cidr)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    for index in 0..profile.nodes {
+        let name = crate::network_profile::node_name(index);
+        if existing.contains(&name) {
+            continue;
+        }
+        let pod_cidr = match profile.network_plugin_mode {
+            NetworkPluginMode::Overlay => Some(blocks.assign(&name).map_err(|e| e.to_string())?),
+            NetworkPluginMode::Vnet => None,
+        };
+        out.push(Object::Node(node_object_with(
+            profile, index, false, pod_cidr,
+        )));
+    }
+    if profile.network_plugin_mode == NetworkPluginMode::Vnet {
+        let have: Vec<String> = cp
+            .list(Kind::NodeNetworkConfig, None)
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        for name in profile.node_names() {
+            if !have.contains(&name) {
+                // A node starts by asking for one batch.
+                out.push(Object::NodeNetworkConfig(NodeNetworkConfig::new(
+                    &name,
+                    profile.ip_batch_size,
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
@@ -193,10 +263,7 @@ pub fn run(paths: &LabPaths) -> Result<(), DaemonError> {
         .iter()
         .filter_map(|o| o.metadata().name.clone())
         .collect();
-    let missing: Vec<Object> = (0..profile.nodes)
-        .filter(|i| !existing.contains(&crate::network_profile::node_name(*i)))
-        .map(|i| Object::Node(node_object(&profile, i, false)))
-        .collect();
+    let missing = missing_objects(&cp, &profile, &existing).map_err(|e| cp_err(&e))?;
     if !missing.is_empty() {
         cp.apply(missing).map_err(|e| cp_err(&e))?;
     }
@@ -227,6 +294,7 @@ pub fn run(paths: &LabPaths) -> Result<(), DaemonError> {
             node: node.clone(),
             host_ip: profile.node_ip(index),
             bin_dir: bin.clone(),
+            max_pods: profile.max_pods,
         };
         let (s, cp) = (stop.clone(), cp.clone());
         threads.push(std::thread::spawn(move || {
@@ -261,6 +329,15 @@ pub fn run(paths: &LabPaths) -> Result<(), DaemonError> {
             crate::lbroutes::run(&cp, &fabric, nodes, &s)
         }));
     }
+    if profile.network_plugin_mode == NetworkPluginMode::Vnet {
+        let (s, cp, profile) = (stop.clone(), cp.clone(), profile.clone());
+        let routes = Box::new(crate::cloud::FabricRoutes {
+            netns: paths.fabric_netns(),
+        });
+        threads.push(std::thread::spawn(move || {
+            crate::cloud::run(cp, profile, routes, &s)
+        }));
+    }
 
     let signal = signals.wait();
     info!(lab = %lab, ?signal, "stopping");
@@ -290,9 +367,21 @@ fn sync_node_readiness(cp: &ControlPlane, profile: &NetworkProfile, stop: &Atomi
             });
             if recorded.is_some_and(|r| r != agent_ready) {
                 info!(node = %name, ready = agent_ready, "node readiness changed");
-                if let Err(e) =
-                    cp.apply(vec![Object::Node(node_object(profile, index, agent_ready))])
-                {
+                // Keep the pod CIDR the node was given.
+                let pod_cidr = nodes.iter().find_map(|o| match o {
+                    Object::Node(n) if n.metadata.name.as_deref() == Some(&name) => n
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.pod_cidr.as_deref())
+                        .and_then(|c| c.parse().ok()),
+                    _ => None,
+                });
+                if let Err(e) = cp.apply(vec![Object::Node(node_object_with(
+                    profile,
+                    index,
+                    agent_ready,
+                    pod_cidr,
+                ))]) {
                     warn!(node = %name, error = %e, "cannot update node readiness");
                 }
             }
@@ -399,6 +488,9 @@ impl AgentSupervisor {
 
     fn spawn(&self) -> std::io::Result<Child> {
         let p = &self.paths;
+        // Re-read the profile: `lab update` may have changed it (then restarts the agents).
+        let profile =
+            NetworkProfile::load(&profile_path(p)).unwrap_or_else(|_| self.profile.clone());
         let netns = fabric::netns_path(&p.node_netns(&self.node));
         let log = OpenOptions::new()
             .create(true)
@@ -424,11 +516,13 @@ impl AgentSupervisor {
             .arg("--uplink")
             .arg(fabric::NODE_UPLINK)
             .arg("--cluster-pod-cidr")
-            .arg(self.profile.pod_cidr.to_string())
+            .arg(profile.pod_range().to_string())
             .arg("--max-pods")
-            .arg(self.profile.max_pods.to_string())
+            .arg(profile.max_pods.to_string())
             .arg("--lb-algorithm")
-            .arg(&self.profile.lb_algorithm)
+            .arg(&profile.lb_algorithm)
+            .arg("--ipam-mode")
+            .arg(profile.network_plugin_mode.to_string())
             .arg("--log-format")
             .arg("json")
             .stdin(Stdio::null())

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cloud;
 pub mod controlplane;
 pub mod daemon;
 pub mod endpointslice;

@@ -73,6 +73,9 @@ pub struct RuntimeConfig {
     pub host_ip: Ipv4Addr,
     /// Where `ferrum-cni` lives (CNI_PATH).
     pub bin_dir: PathBuf,
+    /// Pods this node runs at most (the profile's max pods); more stay Pending, as kubelet
+    /// refuses pods beyond its --max-pods.
+    pub max_pods: u32,
 }
 
 impl RuntimeConfig {
@@ -548,7 +551,19 @@ impl Runtime {
         let ident = ident_of(&pod);
         let key = (ident.namespace.clone(), ident.name.clone());
         let netns = self.cfg.paths.pod_netns(&ident.uid);
+        let running = self.running.len();
+        let max_pods = self.cfg.max_pods as usize;
+        let node = self.cfg.node.clone();
         let result = (|| -> Result<Ipv4Addr, CniFailure> {
+            if running >= max_pods {
+                return Err(CniFailure {
+                    code: None,
+                    message: format!(
+                        "node {node} already runs {running} pods, its max pods is {max_pods}: \
+                         the pod waits until a pod on this node is deleted"
+                    ),
+                });
+            }
             if !fabric::netns_exists(&netns) {
                 fabric::add_netns(&netns).map_err(|e| CniFailure {
                     code: None,

@@ -182,6 +182,9 @@ fn answer(cp: &ControlPlane, request: Request) -> Result<Response, String> {
         Request::Revision => Response::Revision {
             revision: cp.revision(),
         },
+        Request::UpdateNncSpec { name, spec } => Response::Revision {
+            revision: cp.update_nnc_spec(&name, spec).map_err(|e| e.to_string())?,
+        },
         Request::Watch => return Err("watch is a stream, not a request".to_string()),
     })
 }

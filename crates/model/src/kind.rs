@@ -15,16 +15,18 @@ pub enum Kind {
     Service,
     EndpointSlice,
     NetworkPolicy,
+    NodeNetworkConfig,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::NetworkPolicy,
+        Kind::NodeNetworkConfig,
     ];
 
     /// The kind of an object.
@@ -36,6 +38,7 @@ impl Kind {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::NodeNetworkConfig(_) => Kind::NodeNetworkConfig,
         }
     }
 
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::NodeNetworkConfig => "NodeNetworkConfig",
         }
     }
 
@@ -57,6 +61,7 @@ impl Kind {
             Kind::Namespace | Kind::Node | Kind::Pod | Kind::Service => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::NodeNetworkConfig => crate::nnc::NNC_API_VERSION,
         }
     }
 
@@ -76,6 +81,7 @@ impl Kind {
             Kind::Service => "service",
             Kind::EndpointSlice => "endpointslice",
             Kind::NetworkPolicy => "networkpolicy",
+            Kind::NodeNetworkConfig => "nodenetworkconfig",
         }
     }
 
@@ -88,6 +94,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::NetworkPolicy => "networkpolicies",
+            Kind::NodeNetworkConfig => "nodenetworkconfigs",
         }
     }
 
@@ -100,6 +107,7 @@ impl Kind {
             Kind::Service => Some("svc"),
             Kind::EndpointSlice => None,
             Kind::NetworkPolicy => Some("netpol"),
+            Kind::NodeNetworkConfig => Some("nnc"),
         }
     }
 

@@ -3,13 +3,15 @@
 //! Kubernetes API server are two implementations of it. Pure: no I/O here.
 
 pub mod kind;
+pub mod nnc;
 pub mod object;
 pub mod parse;
 pub mod source;
 pub mod validate;
 
 pub use kind::{Kind, ObjectRef};
+pub use nnc::{NncScaler, NncSpec, NncStatus, NodeNetworkConfig};
 pub use object::Object;
 pub use parse::{ParseError, parse_documents};
-pub use source::{AgentReport, Source, SourceError, WatchEvent};
+pub use source::{AgentReport, IpRequester, Source, SourceError, WatchEvent};
 pub use validate::{ValidationError, normalize, validate};

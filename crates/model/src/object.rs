@@ -16,6 +16,8 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     NetworkPolicy(NetworkPolicy),
+    /// The per-node VNet IP state (see [`crate::nnc`]).
+    NodeNetworkConfig(crate::nnc::NodeNetworkConfig),
 }
 
 impl Object {
@@ -27,6 +29,7 @@ impl Object {
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::NetworkPolicy(_) => "NetworkPolicy",
+            Object::NodeNetworkConfig(_) => "NodeNetworkConfig",
         }
     }
 
@@ -40,6 +43,7 @@ impl Object {
             Object::Service(o) => &mut o.metadata,
             Object::EndpointSlice(o) => &mut o.metadata,
             Object::NetworkPolicy(o) => &mut o.metadata,
+            Object::NodeNetworkConfig(o) => &mut o.metadata,
         }
     }
 
@@ -61,6 +65,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
+            Object::NodeNetworkConfig(o) => &o.metadata,
         }
     }
 }
@@ -74,6 +79,7 @@ impl Serialize for Object {
             Object::Service(o) => o.serialize(s),
             Object::EndpointSlice(o) => o.serialize(s),
             Object::NetworkPolicy(o) => o.serialize(s),
+            Object::NodeNetworkConfig(o) => o.serialize(s),
         }
     }
 }
@@ -95,6 +101,7 @@ impl<'de> Deserialize<'de> for Object {
             "Service" => conv(serde_json::from_value(v).map(Object::Service)),
             "EndpointSlice" => conv(serde_json::from_value(v).map(Object::EndpointSlice)),
             "NetworkPolicy" => conv(serde_json::from_value(v).map(Object::NetworkPolicy)),
+            "NodeNetworkConfig" => conv(serde_json::from_value(v).map(Object::NodeNetworkConfig)),
             other => Err(D::Error::custom(format!("unsupported kind {other:?}"))),
         }
     }

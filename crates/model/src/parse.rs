@@ -122,6 +122,7 @@ pub fn parse_value(json: Value, location: &str) -> Result<Object, ParseError> {
         Kind::Service => decode(&json).map(Object::Service),
         Kind::EndpointSlice => decode(&json).map(Object::EndpointSlice),
         Kind::NetworkPolicy => decode(&json).map(Object::NetworkPolicy),
+        Kind::NodeNetworkConfig => decode(&json).map(Object::NodeNetworkConfig),
     }
     .map_err(|(field, message)| field_err(field, message))?;
 

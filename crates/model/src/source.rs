@@ -47,4 +47,15 @@ pub enum SourceError {
 pub trait Source: Send {
     fn next_event(&mut self) -> Result<WatchEvent, SourceError>;
     fn report(&mut self, report: &AgentReport) -> Result<(), SourceError>;
+    /// VNet mode: a handle through which the node asks the cloud for addresses (it writes the
+    /// node's NodeNetworkConfig spec). None when the source cannot take such requests.
+    fn ip_requester(&self) -> Option<Box<dyn IpRequester>> {
+        None
+    }
+}
+
+/// Writes a node's NodeNetworkConfig spec (the request half of VNet IPAM); the cloud answers
+/// in the object's status, which arrives through the watch.
+pub trait IpRequester: Send {
+    fn request_ips(&mut self, node: &str, spec: &crate::nnc::NncSpec) -> Result<(), SourceError>;
 }

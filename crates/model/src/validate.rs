@@ -56,6 +56,7 @@ pub fn validate(object: &Object) -> Result<(), ValidationError> {
         Object::Service(svc) => validate_service(svc),
         Object::EndpointSlice(slice) => validate_endpoint_slice(slice),
         Object::NetworkPolicy(np) => validate_network_policy(np),
+        Object::NodeNetworkConfig(_) => Ok(()),
     });
     result.map_err(|(field, message)| {
         let mut named = ObjectRef::of(object);
