@@ -621,3 +621,47 @@ fn trace_events_are_off_unless_configured() -> Result<()> {
     assert_eq!(f.drop_reason(), Some(Reason::SpoofedIp));
     Ok(())
 }
+
+/// VNet mode: a pod of another node has an address inside this node's range (the pod subnet)
+/// and an ipcache /32 without a tunnel: the packet goes to the node's stack unchanged, which
+/// routes it on the underlay; an address of the range that nobody holds is still dropped.
+#[test]
+fn vnet_remote_pod_without_tunnel_goes_to_the_underlay_unencapsulated() -> Result<()> {
+    let mut f = fixture()?;
+    let remote_pod = Ipv4Addr::new(10, 1, 0, 50);
+    f.dp.upsert_ipcache(
+        "10.1.0.50/32".parse()?,
+        &IpcacheEntry {
+            tunnel_endpoint: None,
+            kind: PeerKind::RemotePodBlock,
+        },
+    )?;
+    let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(remote_pod, 80), b"");
+    let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.frame, frame, "no encapsulation, no rewrite");
+    let events = f.events();
+    assert!(
+        events.iter().any(|e| e.reason == Reason::ToStack),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().all(|e| e.kind != EventKind::Drop),
+        "{events:?}"
+    );
+
+    let unheld = packet::tcp_frame(
+        MAC_A,
+        HOST_MAC_A,
+        sa(POD_A, 40000),
+        sa(Ipv4Addr::new(10, 1, 0, 51), 80),
+        b"",
+    );
+    assert_eq!(
+        f.dp.test_run(Program::FromPod, &unheld, f.veth_a, 1)?
+            .retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::UnknownEndpoint));
+    Ok(())
+}
