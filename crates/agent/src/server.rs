@@ -173,4 +173,63 @@ mod tests {
         );
         assert_eq!(release, Response::Ok(Reply::Done));
     }
+
+    /// 200 CNI ADDs (Allocate) at once over the real socket, in both modes: 200 distinct
+    /// addresses, all durable in the store.
+    #[test]
+    fn two_hundred_concurrent_allocations_get_distinct_addresses() {
+        for vnet in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("agent.sock");
+            let listener = bind(&path).unwrap();
+            let mut store = IpamStore::open(&dir.path().join("state"), 250).unwrap();
+            if vnet {
+                store
+                    .update(|p| {
+                        *p = ferrum_ipam::Pool::with_subnet("10.225.0.0/16".parse().unwrap(), 250);
+                        let set = (1..=256u32)
+                            .map(|i| {
+                                std::net::Ipv4Addr::from(
+                                    u32::from(std::net::Ipv4Addr::new(10, 225, 4, 0)) + i,
+                                )
+                            })
+                            .collect();
+                        p.set_addresses(set).map(|_| ())
+                    })
+                    .unwrap();
+            } else {
+                store.set_block("10.244.3.0/24".parse().unwrap()).unwrap();
+            }
+            let mut node = NodeState::new(store, MemDataplane::default(), 1450);
+            node.block_confirmed = true;
+            node.not_ready_reason = None;
+            let state = Arc::new(Mutex::new(node));
+            let served = Arc::clone(&state);
+            std::thread::spawn(move || serve(listener, served));
+            let threads: Vec<_> = (0..200)
+                .map(|i| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        let line = format!(
+                            "{{\"op\":\"allocate\",\"key\":{{\"containerId\":\"c{i}\",\"ifname\":\"eth0\"}},\"netns\":\"/run/netns/p{i}\"}}\n"
+                        );
+                        match roundtrip(&path, &line) {
+                            Response::Ok(Reply::Allocated(a)) => a.ip,
+                            other => panic!("allocation {i}: {other:?}"),
+                        }
+                    })
+                })
+                .collect();
+            let ips: std::collections::BTreeSet<_> =
+                threads.into_iter().map(|t| t.join().unwrap()).collect();
+            assert_eq!(ips.len(), 200, "vnet={vnet}: duplicate addresses");
+            let reopened = IpamStore::open(&dir.path().join("state"), 250).unwrap();
+            let stored: std::collections::BTreeSet<_> =
+                reopened.pool().leases().map(|(_, l)| l.ip).collect();
+            assert_eq!(
+                stored, ips,
+                "vnet={vnet}: store differs from what was answered"
+            );
+        }
+    }
 }
