@@ -184,7 +184,7 @@ impl SubnetAllocator {
         let (first, last) = usable(self.subnet);
         let mut exhausted = false;
         while (held.len() as u64) < u64::from(requested) {
-            if self.holders.len() as u64 >= u64::from(last - first) + 1 {
+            if self.holders.len() as u64 > u64::from(last - first) {
                 exhausted = true;
                 break;
             }
