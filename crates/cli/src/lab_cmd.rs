@@ -67,6 +67,13 @@ pub struct UpArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct UpdateArgs {
+    /// A larger overlay pod CIDR containing the current one.
+    #[arg(long)]
+    pub pod_cidr: String,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
     /// Output format: json (default: a table).
     #[arg(short = 'o', long = "output")]
@@ -390,6 +397,63 @@ pub fn status(name: &str, args: StatusArgs) -> Result<()> {
         }
         Some(other) => bail!("unknown output format {other:?}; use json"),
     }
+    Ok(())
+}
+
+/// `lab update --pod-cidr`: validates, saves the profile, then restarts each node's agent so it
+/// routes and accepts the larger CIDR (the datapath keeps forwarding meanwhile; agents adopt
+/// their pods), and waits until every agent is back and ready.
+pub fn update(name: &str, args: UpdateArgs) -> Result<()> {
+    let paths = lab_paths(name)?;
+    let profile_file = daemon::profile_path(&paths);
+    if !profile_file.exists() {
+        bail!("lab {name:?} does not exist (create it with `ferrum --name {name} lab up`)");
+    }
+    let profile = NetworkProfile::load(&profile_file)?;
+    let larger = np::parse_cidr("pod-cidr", &args.pod_cidr)?;
+    if larger == profile.pod_cidr {
+        println!("lab {name:?}: pod CIDR is already {larger}; nothing changed");
+        return Ok(());
+    }
+    let next = profile.with_pod_cidr(larger)?;
+    next.save(&profile_file)?;
+    let client = LabClient::new(paths.cp_socket().as_path());
+    for node in next.node_names() {
+        let pid_file = daemon::agent_pid_file(&paths, &node);
+        let old = fabric::read_pid_file(&pid_file).filter(|p| {
+            fabric::process_alive(*p) && fabric::process_cmdline(*p).contains(AGENT_BINARY)
+        });
+        if let Some(pid) = old {
+            let left = fabric::terminate(&[pid], Duration::from_secs(5));
+            if !left.is_empty() {
+                bail!("the agent of {node} (pid {pid}) did not stop; the profile is saved, restart the lab daemon");
+            }
+        }
+        let deadline = Instant::now() + UP_TIMEOUT;
+        loop {
+            let new = fabric::read_pid_file(&pid_file)
+                .filter(|p| Some(*p) != old && fabric::process_alive(*p));
+            let ready = client
+                .reports()
+                .ok()
+                .and_then(|r| r.get(&format!("agent/{node}")).map(|r| r.ready))
+                .unwrap_or(false);
+            if new.is_some() && ready {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent of {node} did not come back ready after {UP_TIMEOUT:?}; see {}",
+                    daemon::agent_log(&paths, &node).display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    println!(
+        "lab {name:?}: pod CIDR expanded from {} to {larger}; nodes keep their blocks and pods their addresses",
+        profile.pod_cidr
+    );
     Ok(())
 }
 

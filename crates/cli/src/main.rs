@@ -60,6 +60,9 @@ enum LabCommand {
     Down,
     /// Show the lab's profile, nodes and external host.
     Status(lab_cmd::StatusArgs),
+    /// Change a running lab's profile: `--pod-cidr SUPERSET` expands the overlay pod CIDR
+    /// without disturbing running pods (shrinking is refused).
+    Update(lab_cmd::UpdateArgs),
     /// (internal) The lab's control-plane daemon; started by `lab up`.
     #[command(hide = true)]
     Daemon,
@@ -85,6 +88,7 @@ fn main() {
             LabCommand::Up(a) => lab_cmd::up(&cli.name, a).map(|_| 0),
             LabCommand::Down => lab_cmd::down(&cli.name).map(|_| 0),
             LabCommand::Status(a) => lab_cmd::status(&cli.name, a).map(|_| 0),
+            LabCommand::Update(a) => lab_cmd::update(&cli.name, a).map(|_| 0),
             LabCommand::Daemon => lab_cmd::daemon(&cli.name).map(|_| 0),
         },
         Command::Apply(a) => objects_cmd::apply(&cli.name, a).map(|_| 0),

@@ -469,6 +469,39 @@ impl NetworkProfile {
         Ok(())
     }
 
+    /// The profile with the overlay pod CIDR expanded to `larger` (`ferrum lab update
+    /// --pod-cidr`): it must contain the current one, so every node keeps its block and every
+    /// running pod its address. Shrinking, moving, or a pod CIDR in VNet mode is refused.
+    pub fn with_pod_cidr(&self, larger: Ipv4Net) -> Result<NetworkProfile, ProfileError> {
+        if self.network_plugin_mode != NetworkPluginMode::Overlay {
+            return Err(ProfileError::Conflict {
+                option: "pod-cidr",
+                value: larger.to_string(),
+                other: "network-plugin-mode",
+                other_value: self.network_plugin_mode.to_string(),
+                reason: "a pod CIDR applies only to overlay mode (VNet pods use --pod-subnet)"
+                    .into(),
+            });
+        }
+        if !larger.contains(&self.pod_cidr) {
+            return Err(ProfileError::Conflict {
+                option: "pod-cidr",
+                value: larger.to_string(),
+                other: "pod-cidr (current)",
+                other_value: self.pod_cidr.to_string(),
+                reason: "the pod CIDR can only be expanded to a CIDR containing the current one; \
+                         shrinking or moving it would take addresses from running pods"
+                    .into(),
+            });
+        }
+        let next = NetworkProfile {
+            pod_cidr: larger,
+            ..self.clone()
+        };
+        next.validate()?;
+        Ok(next)
+    }
+
     fn validate_batches(&self, subnet: Ipv4Net) -> Result<(), ProfileError> {
         if !(1..=256).contains(&self.ip_batch_size) {
             return Err(invalid(
@@ -812,6 +845,29 @@ mod tests {
             e.contains("--dns-service-ip 10.1.0.10") && e.contains("--service-cidr 10.0.0.0/16"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pod_cidr_only_expands() {
+        let p = NetworkProfile {
+            pod_cidr: net("10.244.0.0/22"),
+            ..Default::default()
+        };
+        let bigger = p.with_pod_cidr(net("10.244.0.0/16")).unwrap();
+        assert_eq!(bigger.pod_cidr, net("10.244.0.0/16"));
+        assert_eq!(bigger.node_pod_cidr(1), p.node_pod_cidr(1), "blocks stay put");
+        for bad in ["10.244.0.0/23", "10.245.0.0/16"] {
+            let e = p.with_pod_cidr(net(bad)).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("10.244.0.0/22"), "{e}");
+        }
+        // Expanding into the VNet is still refused by validation, naming both.
+        let e = p.with_pod_cidr(net("10.224.0.0/11")).unwrap_err().to_string();
+        assert!(e.contains("10.224.0.0/11"), "{e}");
+        let e = subnet_profile()
+            .with_pod_cidr(net("10.244.0.0/15"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--network-plugin-mode vnet"), "{e}");
     }
 
     #[test]
