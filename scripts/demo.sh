@@ -85,6 +85,24 @@ run ferrum apply -f examples/demo-policy.yaml
 run ferrum policy trace --from demo/client --to demo/web-1 --port 80
 run ferrum policy trace --from demo/client --to demo/web-1 --port 53 --protocol udp || true
 
+step "Growing the pod CIDR: lab update expands it; nodes keep their /24s and pods their addresses"
+run ferrum lab update --pod-cidr 10.244.0.0/15
+run ferrum exec -n demo client -- nc -w 3 "$web1" 80
+echo "Shrinking is refused, naming both values:"
+run ferrum lab update --pod-cidr 10.244.0.0/17 || true
+
+step "VNet mode (a second, short-lived lab): pod IPs come from a pod subnet in batches of 16, routed by the fabric without VXLAN"
+ferrum --name vnetdemo lab down >/dev/null 2>&1 || true
+run ferrum --name vnetdemo lab up --nodes 2 --network-plugin-mode vnet --vnet-cidr 10.224.0.0/12 --node-subnet 10.224.0.0/16 --pod-subnet 10.225.0.0/16
+run ferrum --name vnetdemo apply -f examples/demo-pods.yaml
+run ferrum --name vnetdemo get pods -n demo -o wide
+echo "Each node's NodeNetworkConfig: what it asked the lab's cloud for, and what it was given:"
+run ferrum --name vnetdemo get nnc -A
+vweb1=$(ferrum --name vnetdemo get pods -n demo -o json | python3 -c "import json,sys; print([p['status']['podIP'] for p in json.load(sys.stdin)['items'] if p['metadata']['name']=='web-1'][0])")
+run ferrum --name vnetdemo exec -n demo client -- nc -w 3 "$vweb1" 80
+run ip -n fe-vnetdemo-fabric route show "$vweb1"
+run ferrum --name vnetdemo lab down
+
 step "The lab keeps running. Explore it:"
 cat <<TXT
   export PATH=$PWD/target/debug:\$PATH FERRUM_LAB=demo

@@ -426,7 +426,9 @@ pub fn update(name: &str, args: UpdateArgs) -> Result<()> {
         if let Some(pid) = old {
             let left = fabric::terminate(&[pid], Duration::from_secs(5));
             if !left.is_empty() {
-                bail!("the agent of {node} (pid {pid}) did not stop; the profile is saved, restart the lab daemon");
+                bail!(
+                    "the agent of {node} (pid {pid}) did not stop; the profile is saved, restart the lab daemon"
+                );
             }
         }
         let deadline = Instant::now() + UP_TIMEOUT;

@@ -11,14 +11,28 @@ fn overlay_pod_cidr_expands_without_disturbing_pods_and_never_shrinks() -> Resul
     // A third node would need a third /24: refused before anything is built.
     let other = format!("{}x", &lab.name[..lab.name.len().min(14)]);
     let refused = std::process::Command::new(ferrum_e2e::bin("ferrum"))
-        .args(["--name", &other, "lab", "up", "--nodes", "3", "--pod-cidr", "10.244.0.0/23"])
+        .args([
+            "--name",
+            &other,
+            "lab",
+            "up",
+            "--nodes",
+            "3",
+            "--pod-cidr",
+            "10.244.0.0/23",
+        ])
         .output()?;
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(err.contains("--pod-cidr 10.244.0.0/23") && err.contains("--nodes 3"), "{err}");
+    assert!(
+        err.contains("--pod-cidr 10.244.0.0/23") && err.contains("--nodes 3"),
+        "{err}"
+    );
     assert!(!std::path::Path::new(&format!("/run/netns/fe-{other}-fabric")).exists());
 
-    lab.apply(&(pod_yaml("default", "a", "node-0") + "---\n" + &pod_yaml("default", "b", "node-1")))?;
+    lab.apply(
+        &(pod_yaml("default", "a", "node-0") + "---\n" + &pod_yaml("default", "b", "node-1")),
+    )?;
     let (a, b) = (lab.pod_ip("default", "a")?, lab.pod_ip("default", "b")?);
     let uid_a = lab.pod("default", "a")?["metadata"]["uid"].clone();
 
@@ -30,7 +44,11 @@ fn overlay_pod_cidr_expands_without_disturbing_pods_and_never_shrinks() -> Resul
     // Same pods, same addresses, still talking across nodes.
     assert_eq!(lab.pod_ip("default", "a")?, a);
     assert_eq!(lab.pod("default", "a")?["metadata"]["uid"], uid_a);
-    assert_eq!(lab.exec("default", "a", &["nc", "-w", "3", &b.to_string(), "80"])?.1, "b\n");
+    assert_eq!(
+        lab.exec("default", "a", &["nc", "-w", "3", &b.to_string(), "80"])?
+            .1,
+        "b\n"
+    );
 
     for bad in ["10.244.0.0/20", "10.245.0.0/16"] {
         let out = lab.ferrum(&["lab", "update", "--pod-cidr", bad], None)?;

@@ -855,13 +855,20 @@ mod tests {
         };
         let bigger = p.with_pod_cidr(net("10.244.0.0/16")).unwrap();
         assert_eq!(bigger.pod_cidr, net("10.244.0.0/16"));
-        assert_eq!(bigger.node_pod_cidr(1), p.node_pod_cidr(1), "blocks stay put");
+        assert_eq!(
+            bigger.node_pod_cidr(1),
+            p.node_pod_cidr(1),
+            "blocks stay put"
+        );
         for bad in ["10.244.0.0/23", "10.245.0.0/16"] {
             let e = p.with_pod_cidr(net(bad)).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("10.244.0.0/22"), "{e}");
         }
         // Expanding into the VNet is still refused by validation, naming both.
-        let e = p.with_pod_cidr(net("10.224.0.0/11")).unwrap_err().to_string();
+        let e = p
+            .with_pod_cidr(net("10.224.0.0/11"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("10.224.0.0/11"), "{e}");
         let e = subnet_profile()
             .with_pod_cidr(net("10.244.0.0/15"))
