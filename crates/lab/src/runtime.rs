@@ -51,7 +51,7 @@ pub const CNI_PLUGIN: &str = "ferrum-cni";
 const CNI_TRY_AGAIN: u64 = 11;
 const CNI_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(200);
-const GC_RETRY: Duration = Duration::from_secs(2);
+const GC_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -364,6 +364,10 @@ impl Runtime {
         // CNI GC after the first complete listing (as containerd does at start), retried until
         // the agent answers.
         let mut gc_due: Option<Instant> = None;
+        // Until that GC is done the runtime does not report, so `lab up` (which waits for the
+        // report) never returns while a GC could still collect attachments made after it, such
+        // as a container a CRI runtime started on the node.
+        let mut held_report: Option<u64> = None;
         while !stop.load(Ordering::Relaxed) {
             match events.recv_timeout(TICK) {
                 Ok(WatchEvent::Upsert {
@@ -385,7 +389,11 @@ impl Runtime {
                         self.collect_orphans(&uids);
                         gc_due = Some(Instant::now());
                     }
-                    self.report(revision);
+                    if gc_due.is_some() {
+                        held_report = Some(revision);
+                    } else {
+                        self.report(revision);
+                    }
                 }
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {}
@@ -400,6 +408,11 @@ impl Runtime {
                     warn!(node = %self.cfg.node, error = %e, "CNI GC failed; retrying");
                     Instant::now() + GC_RETRY
                 });
+                if gc_due.is_none()
+                    && let Some(revision) = held_report.take()
+                {
+                    self.report(revision);
+                }
             }
             self.retry_pending();
             self.reap();
