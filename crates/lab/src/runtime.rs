@@ -343,6 +343,8 @@ pub struct Runtime {
     cp: ControlPlane,
     running: HashMap<PodKey, RunningPod>,
     pending: HashMap<PodKey, PendingPod>,
+    /// A CNI DEL failed (agent down): run CNI GC again so the address does not leak.
+    gc_wanted: std::cell::Cell<bool>,
 }
 
 impl Runtime {
@@ -352,6 +354,7 @@ impl Runtime {
             cp,
             running: HashMap::new(),
             pending: HashMap::new(),
+            gc_wanted: std::cell::Cell::new(false),
         }
     }
 
@@ -402,6 +405,9 @@ impl Runtime {
                         node: self.cfg.node.clone(),
                     });
                 }
+            }
+            if self.gc_wanted.take() && gc_due.is_none() {
+                gc_due = Some(Instant::now() + GC_RETRY);
             }
             if gc_due.is_some_and(|due| Instant::now() >= due) {
                 gc_due = self.garbage_collect().err().map(|e| {
@@ -776,7 +782,8 @@ impl Runtime {
                     std::thread::sleep(Duration::from_millis(200 << attempt));
                 }
                 Err(f) => {
-                    warn!(pod = %ident.name, error = %f, "CNI DEL failed; the agent's GC will release the address");
+                    warn!(pod = %ident.name, error = %f, "CNI DEL failed; CNI GC will release the address");
+                    self.gc_wanted.set(true);
                     break;
                 }
             }
