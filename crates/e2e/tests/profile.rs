@@ -10,7 +10,7 @@ fn overlay_pod_cidr_expands_without_disturbing_pods_and_never_shrinks() -> Resul
     let lab = Lab::up(2, &["--pod-cidr", "10.244.0.0/23"])?;
     // A third node would need a third /24: refused before anything is built.
     let other = format!("{}x", &lab.name[..lab.name.len().min(14)]);
-    let refused = std::process::Command::new(ferrum_e2e::bin("ferrum"))
+    let refused = std::process::Command::new(ferrum_e2e::bin("ferrum")?)
         .args([
             "--name",
             &other,

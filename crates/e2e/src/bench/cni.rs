@@ -55,6 +55,7 @@ pub fn measure(lab: &Lab, node: &str, count: usize) -> Result<CniTimings> {
         node: node.to_string(),
         host_ip: lab.node_ip(node)?,
         bin_dir: crate::bin_dir(),
+        max_pods: ferrum_lab::network_profile::MAX_MAX_PODS,
     };
     let mut pods = BenchPods {
         cfg: &cfg,
