@@ -196,7 +196,13 @@ impl Pump {
         mut streams: SelectAll<KindStream>,
         mut reports: tokio::sync::mpsc::UnboundedReceiver<AgentReport>,
     ) {
-        let mut merger = Merger::new(Kind::ALL);
+        // NodeNetworkConfig is the lab cloud's VNet object; in Kubernetes VNet batches are
+        // FerrumNode claims, so it is not watched here and must not hold up the first Synced.
+        let mut merger = Merger::new(
+            Kind::ALL
+                .into_iter()
+                .filter(|k| *k != Kind::NodeNetworkConfig),
+        );
         loop {
             tokio::select! {
                 next = streams.next() => {
