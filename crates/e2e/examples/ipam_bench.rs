@@ -6,8 +6,10 @@
 //!    to 250 pods, overlay vs VNet (VNet includes waiting for batches: an ADD answered with
 //!    code 11 is retried, as kubelet does).
 //!
-//!     cargo build --workspace --bins &&
-//!       FERRUM_BIN_DIR=$PWD/target/debug cargo run -p ferrum-e2e --example ipam_bench
+//! ```text
+//! cargo build --workspace --bins
+//! FERRUM_BIN_DIR=$PWD/target/debug cargo run -p ferrum-e2e --example ipam_bench
+//! ```
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
