@@ -52,6 +52,8 @@ enum Command {
     },
 }
 
+// Parsed once per process: the size of the largest variant (lab up's options) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum LabCommand {
     /// Build a lab cluster; returns when every node is Ready.
