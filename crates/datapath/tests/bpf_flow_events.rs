@@ -3,90 +3,18 @@
 
 mod bpf_support;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::Result;
-use bpf_support::{Netns, PinDir, ifindex};
-use ferrum_datapath::bpf::packet::{self, Mac};
-use ferrum_datapath::bpf::{
-    Datapath, EndpointInfo, Event, EventKind, EventReader, FlowEvents, IpcacheEntry, NodeConfig,
-    PeerKind, Program, Reason,
+use bpf_support::node::{
+    self, Fixture, HOST_MAC_A, MAC_A, NODE_IP, POD_A, POD_B, REMOTE_NODE, REMOTE_POD, sa,
 };
-
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 10);
-const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 11);
-const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 6);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 7);
-const MAC_A: Mac = [0x02, 0xaa, 0, 0, 0, 0x05];
-const HOST_MAC_A: Mac = [0x02, 0xee, 0, 0, 0, 0x05];
-const MAC_B: Mac = [0x02, 0xaa, 0, 0, 0, 0x06];
-const HOST_MAC_B: Mac = [0x02, 0xee, 0, 0, 0, 0x06];
-
-struct Fixture {
-    dp: Datapath,
-    events: EventReader,
-    veth_a: u32,
-    veth_b: u32,
-    _pins: PinDir,
-    _ns: Netns,
-}
+use ferrum_datapath::bpf::packet::{self};
+use ferrum_datapath::bpf::{Event, EventKind, FlowEvents, Program, Reason};
 
 fn fixture() -> Result<Fixture> {
-    let ns = Netns::new("fe-bpfe")?;
-    ns.ip(&[
-        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
-    ])?;
-    ns.ip(&["link", "set", "veth-a", "up"])?;
-    ns.ip(&["link", "set", "veth-b", "up"])?;
-    ns.enter()?;
-    let pins = PinDir::new();
-    let mut dp = Datapath::open(&pins.path)?;
-    let (veth_a, veth_b) = (ifindex("veth-a")?, ifindex("veth-b")?);
-    dp.set_config(&NodeConfig {
-        node_ip: NODE_IP,
-        cluster_cidr: "10.1.0.0/16".parse()?,
-        local_block: "10.1.0.0/24".parse()?,
-        overlay_ifindex: veth_b,
-        uplink_ifindex: veth_b,
-        vni: 42,
-        nat_ports: 61000..=65535,
-        trace: true,
-    })?;
-    for (ip, ifindex, pod_mac, host_mac) in [
-        (POD_A, veth_a, MAC_A, HOST_MAC_A),
-        (POD_B, veth_b, MAC_B, HOST_MAC_B),
-    ] {
-        dp.upsert_endpoint(
-            ip,
-            &EndpointInfo {
-                ifindex,
-                pod_mac,
-                host_mac,
-            },
-        )?;
-    }
-    dp.upsert_ipcache(
-        "10.1.1.0/24".parse()?,
-        &IpcacheEntry {
-            tunnel_endpoint: Some(REMOTE_NODE),
-            kind: PeerKind::RemotePodBlock,
-        },
-    )?;
-    let events = dp.take_events()?;
-    Ok(Fixture {
-        dp,
-        events,
-        veth_a,
-        veth_b,
-        _pins: pins,
-        _ns: ns,
-    })
-}
-
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
+    node::fixture("fe-bpfe", node::NAT_PORTS)
 }
 
 /// A TCP frame from pod A with the given flags byte (the programs do not check checksums).

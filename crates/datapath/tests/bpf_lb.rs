@@ -9,91 +9,20 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::Result;
-use bpf_support::{Netns, PinDir, ifindex};
+use bpf_support::node::{
+    self, Fixture, HOST_MAC_A, HOST_MAC_B, MAC_A, MAC_B, NODE_IP, POD_A, POD_B, REMOTE_POD, sa,
+};
 use ferrum_datapath::bpf::packet::{self, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ferrum_datapath::bpf::{
-    Datapath, EndpointInfo, EventKind, EventReader, IpcacheEntry, LbBackend, LbFrontendKey,
-    LbService, MAGLEV_CHUNK, MAGLEV_SIZE, NodeConfig, PeerKind, Program, Reason, TC_ACT_OK,
-    TC_ACT_REDIRECT,
+    EventKind, LbBackend, LbFrontendKey, LbService, MAGLEV_CHUNK, MAGLEV_SIZE, Program, Reason,
+    TC_ACT_OK, TC_ACT_REDIRECT,
 };
 
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 10);
-const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 11);
-const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 6);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
 const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
-const MAC_A: Mac = [0x02, 0xaa, 0, 0, 0, 0x05];
-const HOST_MAC_A: Mac = [0x02, 0xee, 0, 0, 0, 0x05];
-const MAC_B: Mac = [0x02, 0xaa, 0, 0, 0, 0x06];
-const HOST_MAC_B: Mac = [0x02, 0xee, 0, 0, 0, 0x06];
 
-struct Fixture {
-    dp: Datapath,
-    events: EventReader,
-    veth_a: u32,
-    veth_b: u32,
-    _pins: PinDir,
-    _ns: Netns,
-}
-
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
-}
-
-/// Node netns with two local pods (A behind veth-a, B behind veth-b; veth-b also plays the
-/// overlay device) and a remote pod block.
 fn fixture() -> Result<Fixture> {
-    let ns = Netns::new("fe-bpflb")?;
-    ns.ip(&[
-        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
-    ])?;
-    ns.ip(&["link", "set", "veth-a", "up"])?;
-    ns.ip(&["link", "set", "veth-b", "up"])?;
-    ns.enter()?;
-    let pins = PinDir::new();
-    let mut dp = Datapath::open(&pins.path)?;
-    let (veth_a, veth_b) = (ifindex("veth-a")?, ifindex("veth-b")?);
-    dp.set_config(&NodeConfig {
-        node_ip: NODE_IP,
-        cluster_cidr: "10.1.0.0/16".parse()?,
-        local_block: "10.1.0.0/24".parse()?,
-        overlay_ifindex: veth_b,
-        uplink_ifindex: veth_b,
-        vni: 42,
-        nat_ports: 61000..=65535,
-        trace: true,
-    })?;
-    for (ip, ifindex, pod_mac, host_mac) in [
-        (POD_A, veth_a, MAC_A, HOST_MAC_A),
-        (POD_B, veth_b, MAC_B, HOST_MAC_B),
-    ] {
-        dp.upsert_endpoint(
-            ip,
-            &EndpointInfo {
-                ifindex,
-                pod_mac,
-                host_mac,
-            },
-        )?;
-    }
-    dp.upsert_ipcache(
-        "10.1.1.0/24".parse()?,
-        &IpcacheEntry {
-            tunnel_endpoint: Some(REMOTE_NODE),
-            kind: PeerKind::RemotePodBlock,
-        },
-    )?;
-    let events = dp.take_events()?;
-    Ok(Fixture {
-        dp,
-        events,
-        veth_a,
-        veth_b,
-        _pins: pins,
-        _ns: ns,
-    })
+    node::fixture("fe-bpflb", node::NAT_PORTS)
 }
 
 fn internal(port: u16, proto: u8) -> LbFrontendKey {
@@ -694,7 +623,7 @@ fn socket_lb_translates_connect_for_processes_in_the_cgroup() -> Result<()> {
     }
     let _cleanup = Cleanup(cg.clone());
     let mut f = fixture()?;
-    f._ns.ip(&["addr", "add", "10.9.9.1/32", "dev", "lo"])?;
+    f.ns.ip(&["addr", "add", "10.9.9.1/32", "dev", "lo"])?;
     f.service(
         internal(80, PROTO_TCP),
         1,
@@ -720,7 +649,7 @@ fn socket_lb_translates_connect_for_processes_in_the_cgroup() -> Result<()> {
         udp.send_to(&buf[..n], peer)?;
         Ok(())
     });
-    let netns = format!("/run/netns/{}", f._ns.name);
+    let netns = format!("/run/netns/{}", f.ns.name);
     let script = format!(
         "echo $$ > {cg}/cgroup.procs && nc -w 3 {VIP} 80 && echo ping | nc -u -w 1 {VIP} 53",
         cg = cg.display()

@@ -4,114 +4,39 @@
 
 mod bpf_support;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::Result;
-use bpf_support::{Netns, PinDir, ifindex};
+use bpf_support::node::{
+    self, Fixture, HOST_MAC_A, HOST_MAC_B, MAC_A, MAC_B, NAT_PORTS, NODE_IP, POD_A, POD_B,
+    REMOTE_NODE, REMOTE_POD, config, sa,
+};
 use ferrum_datapath::bpf::packet::{self, Mac};
 use ferrum_datapath::bpf::{
-    Datapath, EndpointInfo, Event, EventKind, EventReader, IpcacheEntry, NodeConfig, PeerKind,
-    Program, Reason, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    Event, EventKind, IpcacheEntry, PeerKind, Program, Reason, TC_ACT_OK, TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
 };
 
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 10);
-const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 11);
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 6);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 7);
-const MAC_A: Mac = [0x02, 0xaa, 0, 0, 0, 0x05];
-const HOST_MAC_A: Mac = [0x02, 0xee, 0, 0, 0, 0x05];
-const MAC_B: Mac = [0x02, 0xaa, 0, 0, 0, 0x06];
-const HOST_MAC_B: Mac = [0x02, 0xee, 0, 0, 0, 0x06];
 const UPLINK_MAC: Mac = [0x02, 0x10, 0, 0, 0, 0x0a];
 const ROUTER_MAC: Mac = [0x02, 0x10, 0, 0, 0, 0x01];
-const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
 
-struct Fixture {
-    dp: Datapath,
-    events: EventReader,
-    veth_a: u32,
-    veth_b: u32,
-    _pins: PinDir,
-    _ns: Netns,
-}
-
-fn config(veth_b: u32, nat_ports: std::ops::RangeInclusive<u16>) -> NodeConfig {
-    NodeConfig {
-        node_ip: NODE_IP,
-        cluster_cidr: "10.1.0.0/16".parse().unwrap(),
-        local_block: "10.1.0.0/24".parse().unwrap(),
-        overlay_ifindex: veth_b,
-        uplink_ifindex: veth_b,
-        vni: 42,
-        nat_ports,
-        trace: true,
-    }
-}
-
-/// Node netns with veth-a/veth-b standing in for two pods' host veths (veth-b also plays
-/// the uplink and overlay device), two endpoints and a remote pod block in the ipcache.
 fn fixture() -> Result<Fixture> {
     fixture_with_ports(NAT_PORTS)
 }
 
+/// The shared node plus the remote node's own address, which these tests route to.
 fn fixture_with_ports(nat_ports: std::ops::RangeInclusive<u16>) -> Result<Fixture> {
-    let ns = Netns::new("fe-bpft")?;
-    ns.ip(&[
-        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
-    ])?;
-    ns.ip(&["link", "set", "veth-a", "up"])?;
-    ns.ip(&["link", "set", "veth-b", "up"])?;
-    ns.enter()?;
-    let pins = PinDir::new();
-    let mut dp = Datapath::open(&pins.path)?;
-    let (veth_a, veth_b) = (ifindex("veth-a")?, ifindex("veth-b")?);
-    dp.set_config(&config(veth_b, nat_ports))?;
-    dp.upsert_endpoint(
-        POD_A,
-        &EndpointInfo {
-            ifindex: veth_a,
-            pod_mac: MAC_A,
-            host_mac: HOST_MAC_A,
-        },
-    )?;
-    dp.upsert_endpoint(
-        POD_B,
-        &EndpointInfo {
-            ifindex: veth_b,
-            pod_mac: MAC_B,
-            host_mac: HOST_MAC_B,
-        },
-    )?;
-    dp.upsert_ipcache(
-        "10.1.1.0/24".parse()?,
-        &IpcacheEntry {
-            tunnel_endpoint: Some(REMOTE_NODE),
-            kind: PeerKind::RemotePodBlock,
-        },
-    )?;
-    dp.upsert_ipcache(
+    let mut f = node::fixture("fe-bpft", nat_ports)?;
+    f.dp.upsert_ipcache(
         "10.224.0.11/32".parse()?,
         &IpcacheEntry {
             tunnel_endpoint: None,
             kind: PeerKind::RemoteNode,
         },
     )?;
-    let events = dp.take_events()?;
-    Ok(Fixture {
-        dp,
-        events,
-        veth_a,
-        veth_b,
-        _pins: pins,
-        _ns: ns,
-    })
-}
-
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
+    Ok(f)
 }
 
 impl Fixture {
