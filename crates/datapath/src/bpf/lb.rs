@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{HashMap, MapError};
+use aya::maps::MapError;
 
 use aya::maps::LpmTrie;
 use aya::maps::lpm_trie::Key as LpmKey;
@@ -80,8 +80,7 @@ fn key_to_raw(k: &LbFrontendKey) -> RawLbKey {
 
 impl Datapath {
     pub fn lb_services(&self) -> Result<BTreeMap<LbFrontendKey, LbService>, DatapathError> {
-        let map: HashMap<_, RawLbKey, RawLbService> = HashMap::try_from(self.map(MAP_LB_SERVICES)?)
-            .map_err(map_op_err(MAP_LB_SERVICES, "open"))?;
+        let map = self.hash_map::<RawLbKey, RawLbService>(MAP_LB_SERVICES)?;
         let mut out = BTreeMap::new();
         for item in map.iter() {
             let (k, v) = item.map_err(map_op_err(MAP_LB_SERVICES, "iterate"))?;
@@ -123,9 +122,7 @@ impl Datapath {
             affinity_timeout: svc.affinity_timeout,
             pad: 0,
         };
-        let mut map: HashMap<_, RawLbKey, RawLbService> =
-            HashMap::try_from(self.map_mut(MAP_LB_SERVICES)?)
-                .map_err(map_op_err(MAP_LB_SERVICES, "open"))?;
+        let mut map = self.hash_map_mut::<RawLbKey, RawLbService>(MAP_LB_SERVICES)?;
         map.insert(key_to_raw(key), raw, 0).map_err(map_op_err(
             MAP_LB_SERVICES,
             format!("insert {}:{} proto {}", key.addr, key.port, key.proto),
@@ -134,9 +131,7 @@ impl Datapath {
 
     /// Ok if absent.
     pub fn remove_lb_service(&mut self, key: &LbFrontendKey) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, RawLbKey, RawLbService> =
-            HashMap::try_from(self.map_mut(MAP_LB_SERVICES)?)
-                .map_err(map_op_err(MAP_LB_SERVICES, "open"))?;
+        let mut map = self.hash_map_mut::<RawLbKey, RawLbService>(MAP_LB_SERVICES)?;
         ignore_missing(map.remove(&key_to_raw(key))).map_err(map_op_err(
             MAP_LB_SERVICES,
             format!("remove {}:{} proto {}", key.addr, key.port, key.proto),
@@ -145,9 +140,7 @@ impl Datapath {
 
     /// Every backend slot: (frontend id, slot) -> backend.
     pub fn lb_backends(&self) -> Result<BTreeMap<(u32, u32), LbBackend>, DatapathError> {
-        let map: HashMap<_, RawLbBackendKey, RawLbBackend> =
-            HashMap::try_from(self.map(MAP_LB_BACKENDS)?)
-                .map_err(map_op_err(MAP_LB_BACKENDS, "open"))?;
+        let map = self.hash_map::<RawLbBackendKey, RawLbBackend>(MAP_LB_BACKENDS)?;
         let mut out = BTreeMap::new();
         for item in map.iter() {
             let (k, v) = item.map_err(map_op_err(MAP_LB_BACKENDS, "iterate"))?;
@@ -168,9 +161,7 @@ impl Datapath {
         slot: u32,
         b: &LbBackend,
     ) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, RawLbBackendKey, RawLbBackend> =
-            HashMap::try_from(self.map_mut(MAP_LB_BACKENDS)?)
-                .map_err(map_op_err(MAP_LB_BACKENDS, "open"))?;
+        let mut map = self.hash_map_mut::<RawLbBackendKey, RawLbBackend>(MAP_LB_BACKENDS)?;
         let raw = RawLbBackend {
             addr: addr_to_raw(b.addr),
             port: b.port.to_be(),
@@ -185,9 +176,7 @@ impl Datapath {
 
     /// Ok if absent.
     pub fn remove_lb_backend(&mut self, id: u32, slot: u32) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, RawLbBackendKey, RawLbBackend> =
-            HashMap::try_from(self.map_mut(MAP_LB_BACKENDS)?)
-                .map_err(map_op_err(MAP_LB_BACKENDS, "open"))?;
+        let mut map = self.hash_map_mut::<RawLbBackendKey, RawLbBackend>(MAP_LB_BACKENDS)?;
         ignore_missing(map.remove(&RawLbBackendKey { id, slot })).map_err(map_op_err(
             MAP_LB_BACKENDS,
             format!("remove frontend {id} slot {slot}"),
@@ -196,8 +185,7 @@ impl Datapath {
 
     /// Tracked balanced flows (inspection, tests, and purging flows of removed backends).
     pub fn lb_conntrack(&self) -> Result<Vec<LbConntrack>, DatapathError> {
-        let map: HashMap<_, RawNatKey, RawLbCt> =
-            HashMap::try_from(self.map(MAP_LB_CT)?).map_err(map_op_err(MAP_LB_CT, "open"))?;
+        let map = self.hash_map::<RawNatKey, RawLbCt>(MAP_LB_CT)?;
         let mut out = Vec::new();
         for item in map.iter() {
             let (k, v) = item.map_err(map_op_err(MAP_LB_CT, "iterate"))?;
@@ -240,14 +228,11 @@ impl Datapath {
             pad: [0; 3],
         };
         {
-            let mut map: HashMap<_, RawNatKey, RawLbCt> =
-                HashMap::try_from(self.map_mut(MAP_LB_CT)?)
-                    .map_err(map_op_err(MAP_LB_CT, "open"))?;
+            let mut map = self.hash_map_mut::<RawNatKey, RawLbCt>(MAP_LB_CT)?;
             ignore_missing(map.remove(&fwd))
                 .map_err(map_op_err(MAP_LB_CT, format!("remove {}", ct.client)))?;
         }
-        let mut map: HashMap<_, RawNatKey, RawLbRev> =
-            HashMap::try_from(self.map_mut(MAP_LB_REV)?).map_err(map_op_err(MAP_LB_REV, "open"))?;
+        let mut map = self.hash_map_mut::<RawNatKey, RawLbRev>(MAP_LB_REV)?;
         ignore_missing(map.remove(&rev))
             .map_err(map_op_err(MAP_LB_REV, format!("remove {}", ct.backend)))
     }
@@ -259,8 +244,7 @@ impl Datapath {
         backend: SocketAddrV4,
         client_seen: SocketAddrV4,
     ) -> Result<Option<(SocketAddrV4, Option<SocketAddrV4>)>, DatapathError> {
-        let map: HashMap<_, RawNatKey, RawLbRev> =
-            HashMap::try_from(self.map(MAP_LB_REV)?).map_err(map_op_err(MAP_LB_REV, "open"))?;
+        let map = self.hash_map::<RawNatKey, RawLbRev>(MAP_LB_REV)?;
         let key = RawNatKey {
             addr_a: addr_to_raw(*backend.ip()),
             addr_b: addr_to_raw(*client_seen.ip()),
@@ -286,9 +270,7 @@ impl Datapath {
 
     /// Maglev table chunks: (frontend id, chunk) -> 64 backend slots.
     pub fn lb_maglev(&self) -> Result<BTreeMap<(u32, u32), [u16; MAGLEV_CHUNK]>, DatapathError> {
-        let map: HashMap<_, RawLbMaglevKey, RawLbMaglevChunk> =
-            HashMap::try_from(self.map(MAP_LB_MAGLEV)?)
-                .map_err(map_op_err(MAP_LB_MAGLEV, "open"))?;
+        let map = self.hash_map::<RawLbMaglevKey, RawLbMaglevChunk>(MAP_LB_MAGLEV)?;
         let mut out = BTreeMap::new();
         for item in map.iter() {
             let (k, v) = item.map_err(map_op_err(MAP_LB_MAGLEV, "iterate"))?;
@@ -303,9 +285,7 @@ impl Datapath {
         chunk: u32,
         slots: &[u16; MAGLEV_CHUNK],
     ) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, RawLbMaglevKey, RawLbMaglevChunk> =
-            HashMap::try_from(self.map_mut(MAP_LB_MAGLEV)?)
-                .map_err(map_op_err(MAP_LB_MAGLEV, "open"))?;
+        let mut map = self.hash_map_mut::<RawLbMaglevKey, RawLbMaglevChunk>(MAP_LB_MAGLEV)?;
         map.insert(
             RawLbMaglevKey { id, chunk },
             RawLbMaglevChunk { slots: *slots },
@@ -319,9 +299,7 @@ impl Datapath {
 
     /// Ok if absent.
     pub fn remove_lb_maglev(&mut self, id: u32, chunk: u32) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, RawLbMaglevKey, RawLbMaglevChunk> =
-            HashMap::try_from(self.map_mut(MAP_LB_MAGLEV)?)
-                .map_err(map_op_err(MAP_LB_MAGLEV, "open"))?;
+        let mut map = self.hash_map_mut::<RawLbMaglevKey, RawLbMaglevChunk>(MAP_LB_MAGLEV)?;
         ignore_missing(map.remove(&RawLbMaglevKey { id, chunk })).map_err(map_op_err(
             MAP_LB_MAGLEV,
             format!("remove frontend {id} chunk {chunk}"),
@@ -330,9 +308,7 @@ impl Datapath {
 
     /// Session affinity entries: (frontend id, client) -> backend.
     pub fn lb_affinity(&self) -> Result<Vec<(u32, Ipv4Addr, LbBackend)>, DatapathError> {
-        let map: HashMap<_, RawLbAffinityKey, RawLbAffinity> =
-            HashMap::try_from(self.map(MAP_LB_AFFINITY)?)
-                .map_err(map_op_err(MAP_LB_AFFINITY, "open"))?;
+        let map = self.hash_map::<RawLbAffinityKey, RawLbAffinity>(MAP_LB_AFFINITY)?;
         let mut out = Vec::new();
         for item in map.iter() {
             let (k, v) = item.map_err(map_op_err(MAP_LB_AFFINITY, "iterate"))?;
@@ -350,9 +326,7 @@ impl Datapath {
 
     /// Ok if absent.
     pub fn remove_lb_affinity(&mut self, id: u32, client: Ipv4Addr) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, RawLbAffinityKey, RawLbAffinity> =
-            HashMap::try_from(self.map_mut(MAP_LB_AFFINITY)?)
-                .map_err(map_op_err(MAP_LB_AFFINITY, "open"))?;
+        let mut map = self.hash_map_mut::<RawLbAffinityKey, RawLbAffinity>(MAP_LB_AFFINITY)?;
         let key = RawLbAffinityKey {
             id,
             client: addr_to_raw(client),

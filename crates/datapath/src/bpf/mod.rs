@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapError, MapInfo, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions};
@@ -448,6 +448,22 @@ impl Datapath {
             .ok_or(DatapathError::Missing { what: "map", name })
     }
 
+    /// A typed read-only view of one of our hash maps.
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>, DatapathError> {
+        HashMap::try_from(self.map(name)?).map_err(map_op_err(name, "open"))
+    }
+
+    /// A typed writable view of one of our hash maps.
+    fn hash_map_mut<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
+        HashMap::try_from(self.map_mut(name)?).map_err(map_op_err(name, "open"))
+    }
+
     fn classifier(&mut self, program: Program) -> Result<&mut SchedClassifier, DatapathError> {
         let name = program.name();
         self.ebpf
@@ -653,22 +669,19 @@ impl Datapath {
             host_mac: ep.host_mac,
             flags: 0,
         };
-        let mut map: HashMap<_, u32, RawEndpoint> = HashMap::try_from(self.map_mut(MAP_ENDPOINTS)?)
-            .map_err(map_op_err(MAP_ENDPOINTS, "open"))?;
+        let mut map = self.hash_map_mut::<u32, RawEndpoint>(MAP_ENDPOINTS)?;
         map.insert(addr_to_raw(ip), raw, 0)
             .map_err(map_op_err(MAP_ENDPOINTS, format!("insert {ip}")))
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, u32, RawEndpoint> = HashMap::try_from(self.map_mut(MAP_ENDPOINTS)?)
-            .map_err(map_op_err(MAP_ENDPOINTS, "open"))?;
+        let mut map = self.hash_map_mut::<u32, RawEndpoint>(MAP_ENDPOINTS)?;
         ignore_missing(map.remove(&addr_to_raw(ip)))
             .map_err(map_op_err(MAP_ENDPOINTS, format!("remove {ip}")))
     }
 
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>, DatapathError> {
-        let map: HashMap<_, u32, RawEndpoint> = HashMap::try_from(self.map(MAP_ENDPOINTS)?)
-            .map_err(map_op_err(MAP_ENDPOINTS, "open"))?;
+        let map = self.hash_map::<u32, RawEndpoint>(MAP_ENDPOINTS)?;
         let mut out = Vec::new();
         for item in map.iter() {
             let (key, raw) = item.map_err(map_op_err(MAP_ENDPOINTS, "iterate"))?;
@@ -754,10 +767,8 @@ impl Datapath {
 
     /// Current SNAT mappings (inspection and tests).
     pub fn nat_entries(&self) -> Result<Vec<NatEntry>, DatapathError> {
-        let fwd: HashMap<_, RawNatKey, RawNatValue> =
-            HashMap::try_from(self.map(MAP_NAT)?).map_err(map_op_err(MAP_NAT, "open"))?;
-        let rev: HashMap<_, RawNatKey, RawNatValue> =
-            HashMap::try_from(self.map(MAP_NAT_REV)?).map_err(map_op_err(MAP_NAT_REV, "open"))?;
+        let fwd = self.hash_map::<RawNatKey, RawNatValue>(MAP_NAT)?;
+        let rev = self.hash_map::<RawNatKey, RawNatValue>(MAP_NAT_REV)?;
         let mut out = Vec::new();
         for item in fwd.iter() {
             let (key, value) = item.map_err(map_op_err(MAP_NAT, "iterate"))?;
