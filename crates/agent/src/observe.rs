@@ -184,41 +184,30 @@ impl Observer {
     pub fn metrics(&self, stats: &DatapathStats) -> String {
         let mut e = Exposition::default();
         let c = self.counters();
-        e.family(
-            "ferrum_flows_processed_total",
-            "Flows recorded by this node, by verdict and type.",
-            Kind::Counter,
-        );
-        for ((verdict, type_), n) in &c.flows {
-            e.sample(
+        for (name, help, labels, counts) in [
+            (
                 "ferrum_flows_processed_total",
-                &[("verdict", verdict), ("type", type_)],
-                *n as f64,
-            );
-        }
-        e.family(
-            "ferrum_drops_total",
-            "Packets dropped by the datapath, by reason and direction.",
-            Kind::Counter,
-        );
-        for ((reason, direction), n) in &c.drops {
-            e.sample(
+                "Flows recorded by this node, by verdict and type.",
+                ["verdict", "type"],
+                &c.flows,
+            ),
+            (
                 "ferrum_drops_total",
-                &[("reason", reason), ("direction", direction)],
-                *n as f64,
-            );
-        }
-        e.family(
-            "ferrum_policy_verdicts_total",
-            "Flows decided by a network policy, by policy and verdict.",
-            Kind::Counter,
-        );
-        for ((policy, verdict), n) in &c.policy_verdicts {
-            e.sample(
+                "Packets dropped by the datapath, by reason and direction.",
+                ["reason", "direction"],
+                &c.drops,
+            ),
+            (
                 "ferrum_policy_verdicts_total",
-                &[("policy", policy), ("verdict", verdict)],
-                *n as f64,
-            );
+                "Flows decided by a network policy, by policy and verdict.",
+                ["policy", "verdict"],
+                &c.policy_verdicts,
+            ),
+        ] {
+            e.family(name, help, Kind::Counter);
+            for ((first, second), n) in counts {
+                e.sample(name, &[(labels[0], first), (labels[1], second)], *n as f64);
+            }
         }
         e.family(
             "ferrum_datapath_events_total",

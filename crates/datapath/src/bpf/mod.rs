@@ -371,6 +371,22 @@ fn check_pinned_layouts(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// One of our tc programs in a loaded object, as a classifier.
+fn classifier_in(ebpf: &mut Ebpf, program: Program) -> Result<&mut SchedClassifier, DatapathError> {
+    let name = program.name();
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            what: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            op: "use it as a classifier".into(),
+            source,
+        })
+}
+
 fn map_op_err(map: &'static str, op: impl Into<String>) -> impl FnOnce(MapError) -> DatapathError {
     let op = op.into();
     move |source| DatapathError::Map { map, op, source }
@@ -407,18 +423,7 @@ impl Datapath {
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for program in Program::ALL {
             let name = program.name();
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing {
-                    what: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| DatapathError::Program {
-                    program: name,
-                    op: "use it as a classifier".into(),
-                    source,
-                })?;
+            let prog = classifier_in(&mut ebpf, program)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
                 op: "load it (verifier)".into(),
@@ -465,19 +470,7 @@ impl Datapath {
     }
 
     fn classifier(&mut self, program: Program) -> Result<&mut SchedClassifier, DatapathError> {
-        let name = program.name();
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing {
-                what: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                program: name,
-                op: "use it as a classifier".into(),
-                source,
-            })
+        classifier_in(&mut self.ebpf, program)
     }
 
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DatapathError> {
