@@ -31,6 +31,9 @@ _Static_assert(sizeof(struct ferrum_lb_backend_key) == FERRUM_LB_BACKEND_KEY_SIZ
 _Static_assert(sizeof(struct ferrum_lb_backend) == FERRUM_LB_BACKEND_SIZE, "lb backend layout");
 _Static_assert(sizeof(struct ferrum_lb_ct) == FERRUM_LB_CT_SIZE, "lb ct layout");
 _Static_assert(sizeof(struct ferrum_lb_rev) == FERRUM_LB_REV_SIZE, "lb rev layout");
+_Static_assert(sizeof(struct ferrum_pol_cidr_key) == FERRUM_POL_CIDR_KEY_SIZE, "cidr key layout");
+_Static_assert(sizeof(struct ferrum_policy_key) == FERRUM_POLICY_KEY_SIZE, "policy key layout");
+_Static_assert(sizeof(struct ferrum_pol_ct) == FERRUM_POL_CT_SIZE, "policy ct layout");
 
 #define NAT_PORT_TRIES 32
 #define TUNNEL_TTL 64
@@ -139,6 +142,11 @@ struct flow {
 	__u8 icmp_type;
 	__u8 tcp_flags;
 	__u32 l4_off;
+	/* Context for events: the Service frontend and the policy rule that let it through. */
+	__u32 svc_id;
+	__u32 rule_id;
+	__u8 lb_rev; /* lb_rev_nat translated this reply */
+	__u8 reply; /* the policy stage found it to be a reply */
 };
 
 static __always_inline struct ferrum_config *config(void)
@@ -158,6 +166,17 @@ static __always_inline int in_prefix(__u32 addr, __u32 net, __u32 prefix_len)
 	return (addr & mask) == (net & mask);
 }
 
+/* skb->ifindex as one load at a constant offset from the context: clang would otherwise keep a
+ * pointer into the context around (&skb->ifindex), which the verifier refuses to dereference. */
+static __always_inline __u32 skb_ifindex(struct __sk_buff *skb)
+{
+	__u32 v;
+	asm volatile("%0 = *(u32 *)(%1 + %2)"
+		     : "=r"(v)
+		     : "r"(skb), "i"(offsetof(struct __sk_buff, ifindex)));
+	return v;
+}
+
 static __always_inline void emit(struct __sk_buff *skb, __u8 kind, __u8 reason,
 				 const struct flow *f, __u32 tunnel, __u32 nat_addr, __u16 nat_port)
 {
@@ -165,7 +184,7 @@ static __always_inline void emit(struct __sk_buff *skb, __u8 kind, __u8 reason,
 	ev.ts_ns = bpf_ktime_get_ns();
 	ev.kind = kind;
 	ev.reason = reason;
-	ev.ifindex = skb->ifindex;
+	ev.ifindex = skb_ifindex(skb);
 	if (f) {
 		ev.proto = f->proto;
 		ev.saddr = f->saddr;
@@ -174,6 +193,10 @@ static __always_inline void emit(struct __sk_buff *skb, __u8 kind, __u8 reason,
 		ev.dport = f->dport;
 		ev.tcp_flags = f->tcp_flags;
 		ev.icmp_type = f->icmp_type;
+		ev.service_id = f->svc_id;
+		ev.rule_id = f->rule_id;
+		if (f->reply)
+			ev.ev_flags |= FERRUM_EVF_REPLY;
 	}
 	ev.tunnel_endpoint = tunnel;
 	ev.nat_addr = nat_addr;
@@ -195,9 +218,17 @@ static __always_inline int drop(struct __sk_buff *skb, __u8 reason, const struct
 	return TC_ACT_SHOT;
 }
 
+/* f->rule_id has just been cleared or set by the policy stage: a drop carries this rule. */
+static __always_inline int drop_rule(struct __sk_buff *skb, __u8 reason, struct flow *f, __u32 rule)
+{
+	f->rule_id = rule;
+	return drop(skb, reason, f);
+}
+
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
+#define TCP_ACK 0x10
 
 static __always_inline __u32 mix32(__u32 h)
 {
@@ -297,6 +328,14 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		f->sport = ports[0];
 		f->dport = ports[1];
 		f->has_ports = 1;
+	} else if (f->proto == IPPROTO_SCTP) {
+		/* Policy matches SCTP ports; nothing translates SCTP (its CRC32c checksum would
+		 * have to be recomputed), so has_ports stays 0. */
+		__u16 ports[2];
+		if (bpf_skb_load_bytes(skb, f->l4_off, ports, sizeof(ports)) < 0)
+			return -2;
+		f->sport = ports[0];
+		f->dport = ports[1];
 	} else if (f->proto == IPPROTO_ICMP) {
 		struct icmp_echo_hdr icmp;
 		if (bpf_skb_load_bytes(skb, f->l4_off, &icmp, sizeof(icmp)) < 0)
@@ -369,6 +408,241 @@ static __always_inline int from_pod_arp(struct __sk_buff *skb)
 	if (!macs_equal(arp->sha, ep->pod_mac) || !macs_equal(eth->h_source, ep->pod_mac))
 		return drop(skb, FERRUM_DROP_SPOOFED_MAC, &f);
 	return TC_ACT_OK;
+}
+
+/* ---- NetworkPolicy ---------------------------------------------------------------------- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct ferrum_pol_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_pol_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 524288);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_pol_ipcache_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_pol_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_pol_cidr_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_pol_cidr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1048576);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_policy_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct ferrum_nat_key);
+	__type(value, struct ferrum_pol_ct);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_pol_ct SEC(".maps");
+
+#define POLICY_ALLOW 0
+#define POLICY_DENY 1
+
+static __always_inline __u32 *policy_lookup(struct ferrum_policy_key *key, __u32 peer)
+{
+	__u32 be = bpf_htonl(peer);
+	__builtin_memcpy(key->peer, &be, 4);
+	return bpf_map_lookup_elem(&ferrum_policy, key);
+}
+
+/* One direction of one isolated endpoint: does some rule allow this peer, protocol and port?
+ * A constant number of lookups whatever the number of pods, identities or policies: the peer's
+ * identity, the "any peer" wildcard, then the peer address's ipBlock class. */
+static __always_inline int policy_allows(__u32 endpoint, __u8 direction, __u32 peer_addr,
+					 __u8 proto, __u16 port, __u32 *rule)
+{
+	struct ferrum_pol_ipcache_key ikey = { .prefixlen = 32, .addr = peer_addr };
+	struct ferrum_pol_cidr_key ckey = {};
+	struct ferrum_policy_key key = {};
+	__u32 identity = FERRUM_ID_WORLD, *v;
+
+	v = bpf_map_lookup_elem(&ferrum_pol_ipcache, &ikey);
+	if (v)
+		identity = *v;
+	/* The endpoint's own node always gets in (kubelet health probes). */
+	if (direction == FERRUM_POLICY_INGRESS && identity == FERRUM_ID_HOST) {
+		*rule = 0;
+		return 1;
+	}
+	key.prefixlen = FERRUM_POLICY_KEY_BITS;
+	key.endpoint = endpoint;
+	key.direction = direction;
+	key.proto = proto;
+	key.port = port;
+	v = policy_lookup(&key, identity);
+	if (!v)
+		v = policy_lookup(&key, FERRUM_ID_ANY);
+	if (!v) {
+		ckey.prefixlen = 72;
+		ckey.endpoint = endpoint;
+		ckey.direction = direction;
+		__builtin_memcpy(ckey.addr, &peer_addr, 4);
+		v = bpf_map_lookup_elem(&ferrum_pol_cidr, &ckey);
+		if (v && *v)
+			v = policy_lookup(&key, *v);
+		else
+			v = NULL;
+	}
+	if (!v)
+		return 0;
+	*rule = *v;
+	return 1;
+}
+
+/* The verdict for a connection from `src` (the initiator, as policy sees it) to `dst`:dport:
+ * the initiator's egress if it is an endpoint of this node, then the responder's ingress if
+ * it is. Returns POLICY_ALLOW with the deciding rule (the ingress one when both decide), or
+ * POLICY_DENY with the isolating policy's rule and the drop reason. */
+static __always_inline int policy_decide(__u32 src, __u32 dst, __u8 proto, __u16 dport,
+					 __u32 *rule, __u8 *reason)
+{
+	struct ferrum_pol_endpoint *ep;
+	__u32 r = 0;
+
+	*rule = 0;
+	ep = bpf_map_lookup_elem(&ferrum_pol_endpoints, &src);
+	if (ep && ep->egress_deny_rule) {
+		__u32 deny = ep->egress_deny_rule;
+		if (!policy_allows(src, FERRUM_POLICY_EGRESS, dst, proto, dport, &r)) {
+			*rule = deny;
+			*reason = FERRUM_DROP_POLICY_EGRESS;
+			return POLICY_DENY;
+		}
+		*rule = r;
+	}
+	ep = bpf_map_lookup_elem(&ferrum_pol_endpoints, &dst);
+	if (ep && ep->ingress_deny_rule) {
+		__u32 deny = ep->ingress_deny_rule;
+		if (!policy_allows(dst, FERRUM_POLICY_INGRESS, src, proto, dport, &r)) {
+			*rule = deny;
+			*reason = FERRUM_DROP_POLICY_INGRESS;
+			return POLICY_DENY;
+		}
+		if (r)
+			*rule = r;
+	}
+	return POLICY_ALLOW;
+}
+
+/* The conntrack key of a packet: both directions of a connection give the same key. Returns 1
+ * when the packet's source is the key's a side. */
+static __always_inline int pol_ct_key(const struct flow *f, struct ferrum_nat_key *k)
+{
+	int src_is_a = f->saddr < f->daddr || (f->saddr == f->daddr && f->sport <= f->dport);
+
+	k->proto = f->proto;
+	if (src_is_a) {
+		k->addr_a = f->saddr;
+		k->port_a = f->sport;
+		k->addr_b = f->daddr;
+		k->port_b = f->dport;
+	} else {
+		k->addr_a = f->daddr;
+		k->port_a = f->dport;
+		k->addr_b = f->saddr;
+		k->port_b = f->sport;
+	}
+	return src_is_a;
+}
+
+static __always_inline __u64 pol_ct_lifetime(const struct ferrum_pol_ct *ct, __u8 proto)
+{
+	if (ct->flags & FERRUM_POL_CT_CLOSING)
+		return FERRUM_POL_CT_CLOSING_NS;
+	return proto == IPPROTO_TCP ? FERRUM_POL_CT_TCP_NS : FERRUM_POL_CT_OTHER_NS;
+}
+
+
+/* The policy stage, at the one place on this node where a packet is delivered to (or leaves)
+ * a local pod. A connection is judged on its first packet; replies and later packets follow
+ * the conntrack entry. A policy change bumps the generation: a tracked connection is judged
+ * again (in its original direction) on its next packet, and one the new policy denies is cut
+ * in both directions. `initiator` is the source address policy judges a new connection by
+ * (the client before hairpin or masquerade SNAT). Returns POLICY_ALLOW or POLICY_DENY (the
+ * drop event has been emitted). */
+static __always_inline int policy_check(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					struct flow *f, __u32 initiator)
+{
+	struct ferrum_nat_key key = {};
+	struct ferrum_pol_ct *ct, nct = {};
+	__u64 now = bpf_ktime_get_ns();
+	__u32 rule = 0, init_addr, responder;
+	__u16 rport;
+	__u8 reason = 0;
+	int src_is_a = pol_ct_key(f, &key);
+	int syn = f->proto == IPPROTO_TCP &&
+		  (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+
+	ct = bpf_map_lookup_elem(&ferrum_pol_ct, &key);
+	if (ct && now - ct->last_ns < pol_ct_lifetime(ct, f->proto)) {
+		int from_initiator = ((ct->flags & FERRUM_POL_CT_A_INITIATED) != 0) == src_is_a;
+
+		f->reply = !from_initiator;
+		if (ct->gen != cfg->policy_gen || ((ct->flags & FERRUM_POL_CT_DENIED) && syn)) {
+			/* Judge the connection again as its first packet was. */
+			init_addr = ct->initiator;
+			responder = from_initiator ? f->daddr : f->saddr;
+			rport = from_initiator ? f->dport : f->sport;
+			if (policy_decide(init_addr, responder, f->proto, rport, &rule, &reason) ==
+			    POLICY_DENY) {
+				ct->flags |= FERRUM_POL_CT_DENIED;
+				ct->reason = reason;
+			} else {
+				ct->flags &= ~FERRUM_POL_CT_DENIED;
+			}
+			ct->rule_id = rule;
+			ct->gen = cfg->policy_gen;
+		}
+		if (ct->flags & FERRUM_POL_CT_DENIED) {
+			drop_rule(skb, ct->reason, f, ct->rule_id);
+			return POLICY_DENY;
+		}
+		if (f->tcp_flags & (TCP_FIN | TCP_RST))
+			ct->flags |= FERRUM_POL_CT_CLOSING;
+		else if (syn && from_initiator)
+			ct->flags &= ~FERRUM_POL_CT_CLOSING; /* the tuple is being reused */
+		if (now - ct->last_ns > FERRUM_POL_CT_REFRESH_NS)
+			ct->last_ns = now;
+		f->rule_id = ct->rule_id;
+		return POLICY_ALLOW;
+	}
+
+	/* A new connection: this packet's source opened it. */
+	f->reply = 0;
+	if (policy_decide(initiator, f->daddr, f->proto, f->dport, &rule, &reason) == POLICY_DENY) {
+		drop_rule(skb, reason, f, rule);
+		return POLICY_DENY;
+	}
+	nct.last_ns = now;
+	nct.initiator = initiator;
+	nct.gen = cfg->policy_gen;
+	nct.rule_id = rule;
+	nct.flags = src_is_a ? FERRUM_POL_CT_A_INITIATED : 0;
+	if (f->tcp_flags & (TCP_FIN | TCP_RST))
+		nct.flags |= FERRUM_POL_CT_CLOSING;
+	bpf_map_update_elem(&ferrum_pol_ct, &key, &nct, BPF_ANY);
+	f->rule_id = rule;
+	return POLICY_ALLOW;
 }
 
 /* ---- Service load balancing ------------------------------------------------------------ */
@@ -475,6 +749,7 @@ static __always_inline int lb_rev_nat(struct __sk_buff *skb, const struct ferrum
 	rev = bpf_map_lookup_elem(&ferrum_lb_rev, &key);
 	if (!rev)
 		return 0;
+	f->lb_rev = 1;
 	vip = rev->frontend_addr;
 	vport = rev->frontend_port;
 	client = rev->client_addr;
@@ -677,6 +952,7 @@ static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferr
 	svc = bpf_map_lookup_elem(&ferrum_lb_services, &key);
 	if (!svc)
 		return LB_CONTINUE;
+	f->svc_id = svc->id;
 	if (!lb_source_allowed(svc, f->saddr))
 		return drop(skb, FERRUM_DROP_LB_SOURCE_DENIED, f);
 
@@ -744,24 +1020,6 @@ static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferr
 	return LB_TRANSLATED;
 }
 
-/* Pod -> Service: replies of balanced flows are translated back first, then new requests to a
- * frontend are translated to a backend. */
-static __always_inline int lb_from_pod(struct __sk_buff *skb, const struct ferrum_config *cfg,
-				       const struct ferrum_endpoint *src_ep, struct flow *f)
-{
-	int rc;
-
-	if (!lb_proto(f))
-		return LB_CONTINUE;
-	rc = lb_rev_nat(skb, cfg, f);
-	if (rc < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
-	if (rc > 0)
-		return lb_out_uplink(cfg);
-	rc = lb_translate(skb, cfg, src_ep, f, FERRUM_LB_SCOPE_INTERNAL);
-	return rc == LB_TRANSLATED ? LB_CONTINUE : rc;
-}
-
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
@@ -770,9 +1028,10 @@ int from_pod(struct __sk_buff *skb)
 	struct ferrum_endpoint *src_ep, *dst_ep;
 	struct ferrum_ipcache_key key;
 	struct ferrum_ipcache_value *peer;
-	struct flow f = {};
+	struct flow f = {}, wire;
 	void *data, *data_end;
 	struct ethhdr *eth;
+	__u32 initiator;
 	int rc;
 
 	if (!cfg)
@@ -797,12 +1056,33 @@ int from_pod(struct __sk_buff *skb)
 	if (!macs_equal(eth->h_source, src_ep->pod_mac))
 		return drop(skb, FERRUM_DROP_SPOOFED_MAC, &f);
 
-	/* Service translation first: everything after (routing, and policy where it hooks in)
-	 * sees the backend as the destination. */
-	rc = lb_from_pod(skb, cfg, src_ep, &f);
-	if (rc != LB_CONTINUE)
-		return rc;
+	/* Replies of balanced flows are translated back to the frontend; policy judges them by
+	 * the tuple before that (the one their connection is tracked under). */
+	wire = f;
+	initiator = f.saddr;
+	if (lb_proto(&f)) {
+		rc = lb_rev_nat(skb, cfg, &f);
+		if (rc < 0)
+			return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
+		if (f.lb_rev) {
+			if (policy_check(skb, cfg, &wire, wire.saddr) != POLICY_ALLOW)
+				return TC_ACT_SHOT;
+			f.rule_id = wire.rule_id;
+			f.reply = wire.reply;
+			if (rc > 0)
+				return lb_out_uplink(cfg);
+			goto route;
+		}
+		/* Requests to a frontend: policy and routing see the backend as the destination. */
+		rc = lb_translate(skb, cfg, src_ep, &f, FERRUM_LB_SCOPE_INTERNAL);
+		if (rc != LB_TRANSLATED && rc != LB_CONTINUE)
+			return rc;
+	}
+	/* The source pod's egress and, for a pod of this node, the destination's ingress. */
+	if (policy_check(skb, cfg, &f, initiator) != POLICY_ALLOW)
+		return TC_ACT_SHOT;
 
+route:
 	dst_ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
 	if (dst_ep)
 		return to_endpoint(skb, cfg, dst_ep, &f);
@@ -837,20 +1117,27 @@ int from_overlay(struct __sk_buff *skb)
 {
 	struct ferrum_config *cfg = config();
 	struct ferrum_endpoint *ep;
-	struct flow f = {};
+	struct flow f = {}, wire;
 	int rc;
 
-	if (parse_ipv4(skb, &f) < 0)
+	if (!cfg || parse_ipv4(skb, &f) < 0)
 		return TC_ACT_OK;
 	/* Replies from a backend on another node to a client balanced on this one. */
+	wire = f;
 	rc = lb_rev_nat(skb, cfg, &f);
 	if (rc < 0)
 		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
 	if (rc > 0)
 		return lb_out_uplink(cfg);
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
-	if (ep)
+	if (ep) {
+		/* The destination pod's ingress (on the tuple before any reverse translation). */
+		if (policy_check(skb, cfg, &wire, wire.saddr) != POLICY_ALLOW)
+			return TC_ACT_SHOT;
+		f.rule_id = wire.rule_id;
+		f.reply = wire.reply;
 		return to_endpoint(skb, cfg, ep, &f);
+	}
 	/* The inner destination MAC belongs to the sender's side; make the stack accept it. */
 	bpf_skb_change_type(skb, PACKET_HOST);
 	trace(skb, cfg, FERRUM_TRACE_FROM_OVERLAY, &f, 0, 0, 0);
@@ -1049,14 +1336,19 @@ static __always_inline int lb_from_uplink(struct __sk_buff *skb, const struct fe
 	struct ferrum_ipcache_key key;
 	struct ferrum_ipcache_value *peer;
 	struct ferrum_endpoint *ep;
+	__u32 client = f->saddr;
 	int rc;
 
 	rc = lb_translate(skb, cfg, NULL, f, FERRUM_LB_SCOPE_EXTERNAL);
 	if (rc != LB_TRANSLATED)
 		return rc;
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f->daddr);
-	if (ep)
+	if (ep) {
+		/* A local backend's ingress judges the client itself, even when masqueraded. */
+		if (policy_check(skb, cfg, f, client) != POLICY_ALLOW)
+			return TC_ACT_SHOT;
 		return to_endpoint(skb, cfg, ep, f);
+	}
 	key.prefixlen = 32;
 	key.addr = f->daddr;
 	peer = bpf_map_lookup_elem(&ferrum_ipcache, &key);
@@ -1112,8 +1404,28 @@ int from_uplink(struct __sk_buff *skb)
 	f.daddr = pod_addr;
 	f.dport = pod_port;
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &pod_addr);
-	if (ep)
+	if (ep) {
+		if (policy_check(skb, cfg, &f, f.saddr) != POLICY_ALLOW)
+			return TC_ACT_SHOT;
 		return to_endpoint(skb, cfg, ep, &f);
+	}
+	return TC_ACT_OK;
+}
+
+/* tcx egress on every host-side pod veth: what the host stack routes into a pod (the node
+ * itself; in VNet mode also other nodes' pods). Packets the programs above redirect straight
+ * into a pod skip this hook: they were judged where they were redirected. */
+SEC("classifier/to_pod")
+int to_pod(struct __sk_buff *skb)
+{
+	struct ferrum_config *cfg = config();
+	struct flow f = {};
+
+	if (!cfg || parse_ipv4(skb, &f) < 0)
+		return TC_ACT_OK;
+	if (policy_check(skb, cfg, &f, f.saddr) != POLICY_ALLOW)
+		return TC_ACT_SHOT;
+	trace(skb, cfg, FERRUM_TRACE_TO_ENDPOINT, &f, 0, 0, 0);
 	return TC_ACT_OK;
 }
 

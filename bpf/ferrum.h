@@ -19,8 +19,11 @@ struct ferrum_config {
 	__u16 nat_port_min; /* host order */
 	__u16 nat_port_max; /* host order */
 	__u32 flags;
+	/* Bumped by the agent after every policy change: connections tracked under an older
+	 * generation are judged again on their next packet. */
+	__u32 policy_gen;
 };
-#define FERRUM_CONFIG_SIZE 40
+#define FERRUM_CONFIG_SIZE 44
 /* Flow events for forwarded traffic: connection starts/ends (TCP SYN/FIN/RST) and, for other
  * protocols, one event per flow and observation point per aggregation interval. */
 #define FERRUM_FLAG_TRACE (1U << 0)
@@ -92,12 +95,11 @@ struct ferrum_event {
 	__u32 tunnel_endpoint;
 	__u32 nat_addr;
 	__u16 nat_port;
-	__u16 pad2;
-	/* Context from the policy and service stages for observability; 0 = none. */
-	__u32 rule_id; /* the policy rule that decided */
-	__u16 service_id; /* the Service a translated packet went through */
 	__u8 ev_flags; /* FERRUM_EVF_* */
 	__u8 icmp_type;
+	/* Context from the policy and service stages for observability; 0 = none. */
+	__u32 rule_id; /* the policy rule that decided */
+	__u32 service_id; /* the Service frontend a translated packet went through */
 };
 #define FERRUM_EVENT_SIZE 48
 #define FERRUM_EVF_REPLY (1U << 0) /* the packet is a reply of a tracked connection */
@@ -138,6 +140,9 @@ enum ferrum_reason {
 	/* Service load balancing (codes 20..29). */
 	FERRUM_DROP_NO_BACKEND = 20, /* answered with ICMP port unreachable */
 	FERRUM_DROP_LB_SOURCE_DENIED = 21, /* not in loadBalancerSourceRanges */
+	/* NetworkPolicy (codes 30..39); the event's rule_id names the isolating policy. */
+	FERRUM_DROP_POLICY_EGRESS = 30,
+	FERRUM_DROP_POLICY_INGRESS = 31,
 
 	FERRUM_TRACE_TO_ENDPOINT = 64,
 	FERRUM_TRACE_TO_OVERLAY = 65,
@@ -250,6 +255,70 @@ struct ferrum_lb_sock_rev {
 	__u16 frontend_port;
 	__u16 pad;
 };
+
+/* ---- NetworkPolicy (crates/policy/src/lower.rs writes these maps) ---- */
+
+/* Identities the datapath knows without the agent (crates/policy/src/identity.rs). */
+#define FERRUM_ID_ANY 0
+#define FERRUM_ID_HOST 1
+#define FERRUM_ID_WORLD 2
+#define FERRUM_POLICY_INGRESS 0
+#define FERRUM_POLICY_EGRESS 1
+
+/* ferrum_pol_endpoints: local pod address -> rule id of the policy isolating it per direction
+ * (0: not isolated, everything allowed). */
+struct ferrum_pol_endpoint {
+	__u32 ingress_deny_rule;
+	__u32 egress_deny_rule;
+};
+/* ferrum_pol_ipcache: address (LPM) -> security identity; no match means FERRUM_ID_WORLD. */
+struct ferrum_pol_ipcache_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+/* ferrum_pol_cidr: (endpoint, direction, peer address) LPM -> the ipBlock class of the peer;
+ * prefixlen counts the 40 bits of endpoint and direction plus the block's length. */
+struct ferrum_pol_cidr_key {
+	__u32 prefixlen;
+	__u32 endpoint;
+	__u8 direction;
+	__u8 addr[4];
+} __attribute__((packed));
+#define FERRUM_POL_CIDR_KEY_SIZE 13
+/* ferrum_policy: (endpoint, direction, peer identity or class, protocol, port) LPM -> the
+ * allowing rule id. Every entry allows; "any port" entries are shorter prefixes. */
+struct ferrum_policy_key {
+	__u32 prefixlen;
+	__u32 endpoint;
+	__u8 direction;
+	__u8 peer[4]; /* identity, network order */
+	__u8 proto;
+	__u16 port;
+} __attribute__((packed));
+#define FERRUM_POLICY_KEY_SIZE 16
+#define FERRUM_POLICY_KEY_BITS 96
+
+/* ferrum_pol_ct: connections the policy stage let through, keyed by the 5-tuple normalized so
+ * that both directions find the same entry (struct ferrum_nat_key, the lower address/port
+ * pair first). */
+struct ferrum_pol_ct {
+	__u64 last_ns;
+	__u32 initiator; /* the address judged as the source (before hairpin or masquerade SNAT) */
+	__u32 gen; /* ferrum_config.policy_gen when it was judged */
+	__u32 rule_id; /* the rule that allowed it, or with DENIED the isolating policy */
+	__u8 flags;
+	__u8 reason; /* with DENIED: the drop reason */
+	__u16 pad;
+};
+#define FERRUM_POL_CT_SIZE 24
+#define FERRUM_POL_CT_A_INITIATED (1U << 0) /* the key's a side opened the connection */
+#define FERRUM_POL_CT_CLOSING (1U << 1) /* TCP FIN or RST seen */
+#define FERRUM_POL_CT_DENIED (1U << 2) /* judged again under a new policy and denied */
+/* Idle lifetimes. */
+#define FERRUM_POL_CT_TCP_NS (6ULL * 3600 * 1000000000ULL)
+#define FERRUM_POL_CT_CLOSING_NS (10ULL * 1000000000ULL)
+#define FERRUM_POL_CT_OTHER_NS (60ULL * 1000000000ULL)
+#define FERRUM_POL_CT_REFRESH_NS 1000000000ULL
 
 /* The source a pod sees when it reaches itself through a Service (it would drop its own
  * address as a source). */

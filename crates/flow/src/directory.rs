@@ -47,7 +47,7 @@ pub struct Directory {
     relisting: Option<Objects>,
     pods_by_ip: HashMap<Ipv4Addr, (String, String)>,
     nodes_by_ip: HashMap<Ipv4Addr, String>,
-    service_ids: HashMap<u16, ServiceRef>,
+    service_ids: HashMap<u32, ServiceRef>,
     policy_rules: HashMap<u32, PolicyRef>,
     identities: HashMap<(String, String), u32>,
 }
@@ -104,7 +104,7 @@ impl Directory {
     }
 
     /// What the datapath's service id stands for (hook for the Service issue).
-    pub fn set_service_id(&mut self, id: u16, service: ServiceRef) {
+    pub fn set_service_id(&mut self, id: u32, service: ServiceRef) {
         self.service_ids.insert(id, service);
     }
 
@@ -113,7 +113,7 @@ impl Directory {
         self.policy_rules.insert(id, policy);
     }
 
-    pub fn service(&self, id: u16) -> Option<ServiceRef> {
+    pub fn service(&self, id: u32) -> Option<ServiceRef> {
         self.service_ids.get(&id).cloned()
     }
 

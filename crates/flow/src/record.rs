@@ -32,7 +32,7 @@ pub struct FlowEvent {
     /// The translated address and port of SNAT / reverse SNAT.
     pub nat: Option<(Ipv4Addr, u16)>,
     pub rule_id: u32,
-    pub service_id: u16,
+    pub service_id: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -469,7 +469,7 @@ pub fn build_flow(ev: &FlowEvent, dir: &Directory, node_name: &str) -> Flow {
             tunnel_endpoint: ev.tunnel_endpoint.map(|t| t.to_string()),
             translated_to: ev.nat.map(|(a, p)| format!("{a}:{p}")),
             rule_id: ev.rule_id,
-            service_id: u32::from(ev.service_id),
+            service_id: ev.service_id,
         },
     }
 }

@@ -18,6 +18,7 @@ pub(crate) struct RawConfig {
     pub nat_port_min: u16,
     pub nat_port_max: u16,
     pub flags: u32,
+    pub policy_gen: u32,
 }
 pub(crate) const CONFIG_FLAG_TRACE: u32 = 1;
 pub(crate) const CONFIG_FLAG_TRACE_ALL: u32 = 1 << 1;
@@ -81,11 +82,10 @@ pub(crate) struct RawEvent {
     pub tunnel_endpoint: u32,
     pub nat_addr: u32,
     pub nat_port: u16,
-    pub pad2: u16,
-    pub rule_id: u32,
-    pub service_id: u16,
     pub ev_flags: u8,
     pub icmp_type: u8,
+    pub rule_id: u32,
+    pub service_id: u32,
 }
 
 /// `struct ferrum_lb_key`.
@@ -190,6 +190,30 @@ pub(crate) struct RawLbRangeData {
     pub addr: u32,
 }
 
+/// `struct ferrum_pol_endpoint`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawPolEndpoint {
+    pub ingress_deny_rule: u32,
+    pub egress_deny_rule: u32,
+}
+
+/// `struct ferrum_pol_ct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawPolCt {
+    pub last_ns: u64,
+    pub initiator: u32,
+    pub generation: u32,
+    pub rule_id: u32,
+    pub flags: u8,
+    pub reason: u8,
+    pub pad: u16,
+}
+pub(crate) const POL_CT_A_INITIATED: u8 = 1;
+pub(crate) const POL_CT_CLOSING: u8 = 1 << 1;
+pub(crate) const POL_CT_DENIED: u8 = 1 << 2;
+
 // SAFETY: plain old data, no padding the kernel could leave uninitialised that we rely on.
 unsafe impl aya::Pod for RawConfig {}
 unsafe impl aya::Pod for RawEndpoint {}
@@ -208,8 +232,10 @@ unsafe impl aya::Pod for RawLbMaglevChunk {}
 unsafe impl aya::Pod for RawLbAffinityKey {}
 unsafe impl aya::Pod for RawLbAffinity {}
 unsafe impl aya::Pod for RawLbRangeData {}
+unsafe impl aya::Pod for RawPolEndpoint {}
+unsafe impl aya::Pod for RawPolCt {}
 
-pub(crate) const CONFIG_SIZE: usize = 40;
+pub(crate) const CONFIG_SIZE: usize = 44;
 pub(crate) const ENDPOINT_SIZE: usize = 20;
 pub(crate) const IPCACHE_KEY_SIZE: usize = 8;
 pub(crate) const IPCACHE_VALUE_SIZE: usize = 8;
@@ -249,6 +275,14 @@ const _: () = assert!(size_of::<RawLbMaglevChunk>() == LB_MAGLEV_VALUE_SIZE);
 const _: () = assert!(size_of::<RawLbAffinityKey>() == LB_AFFINITY_KEY_SIZE);
 const _: () = assert!(size_of::<RawLbAffinity>() == LB_AFFINITY_SIZE);
 const _: () = assert!(size_of::<aya::maps::lpm_trie::Key<RawLbRangeData>>() == LB_RANGE_KEY_SIZE);
+pub(crate) const POL_ENDPOINT_SIZE: usize = 8;
+pub(crate) const POL_CIDR_KEY_SIZE: usize = 13;
+pub(crate) const POLICY_KEY_SIZE: usize = 16;
+pub(crate) const POL_CT_SIZE: usize = 24;
+const _: () = assert!(size_of::<RawPolEndpoint>() == POL_ENDPOINT_SIZE);
+const _: () = assert!(size_of::<aya::maps::lpm_trie::Key<[u8; 9]>>() == POL_CIDR_KEY_SIZE);
+const _: () = assert!(size_of::<aya::maps::lpm_trie::Key<[u8; 12]>>() == POLICY_KEY_SIZE);
+const _: () = assert!(size_of::<RawPolCt>() == POL_CT_SIZE);
 
 /// Converts an address to the network-order `u32` the programs compare against.
 pub(crate) fn addr_to_raw(addr: std::net::Ipv4Addr) -> u32 {

@@ -26,6 +26,10 @@ pub enum Reason {
     NoBackend,
     /// The client is not in the Service's loadBalancerSourceRanges.
     LbSourceDenied,
+    /// NetworkPolicy: the source pod's egress does not allow the connection.
+    PolicyEgress,
+    /// NetworkPolicy: the destination pod's ingress does not allow the connection.
+    PolicyIngress,
     ToEndpoint,
     ToOverlay,
     ToStack,
@@ -39,7 +43,9 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
+        Reason::PolicyEgress,
+        Reason::PolicyIngress,
         Reason::SpoofedIp,
         Reason::SpoofedMac,
         Reason::UnsupportedL3,
@@ -80,6 +86,8 @@ impl Reason {
             Reason::RevSnat => 69,
             Reason::NoBackend => 20,
             Reason::LbSourceDenied => 21,
+            Reason::PolicyEgress => 30,
+            Reason::PolicyIngress => 31,
             Reason::LbDnat => 80,
             Reason::LbRevDnat => 81,
             Reason::Unknown(code) => *code,
@@ -112,6 +120,8 @@ impl Reason {
             Reason::RevSnat => "REV_SNAT",
             Reason::NoBackend => "NO_BACKEND",
             Reason::LbSourceDenied => "LB_SOURCE_DENIED",
+            Reason::PolicyEgress => "POLICY_DENIED_EGRESS",
+            Reason::PolicyIngress => "POLICY_DENIED_INGRESS",
             Reason::LbDnat => "LB_DNAT",
             Reason::LbRevDnat => "LB_REV_DNAT",
             Reason::Unknown(_) => "UNKNOWN",
@@ -166,8 +176,8 @@ pub struct Event {
     pub is_reply: bool,
     /// The policy rule that decided (0: none, or no policy stage yet).
     pub rule_id: u32,
-    /// The Service a translated packet went through (0: none).
-    pub service_id: u16,
+    /// The Service frontend a translated packet went through (0: none).
+    pub service_id: u32,
 }
 
 impl Event {

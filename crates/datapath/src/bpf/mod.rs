@@ -10,6 +10,7 @@ mod abi;
 mod events;
 mod lb;
 pub mod packet;
+mod policy;
 mod sys;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -31,6 +32,9 @@ use abi::{
 };
 pub use events::{Event, EventKind, EventReader, Reason};
 pub use lb::{LbBackend, LbConntrack, LbFrontendKey, LbService, MAGLEV_CHUNK, MAGLEV_SIZE};
+pub use policy::{
+    POLICY_CIDR_KEY_LEN, POLICY_KEY_LEN, PolicyConntrack, PolicyEndpoint, PolicyMapsDump,
+};
 
 /// tc verdicts returned by the programs (linux/pkt_cls.h).
 pub const TC_ACT_OK: i32 = 0;
@@ -58,9 +62,19 @@ pub(crate) const MAP_LB_REV: &str = "ferrum_lb_rev";
 pub(crate) const MAP_LB_MAGLEV: &str = "ferrum_lb_maglev";
 pub(crate) const MAP_LB_AFFINITY: &str = "ferrum_lb_affinity";
 pub(crate) const MAP_LB_RANGES: &str = "ferrum_lb_ranges";
+pub(crate) const MAP_POL_ENDPOINTS: &str = "ferrum_pol_endpoints";
+pub(crate) const MAP_POL_IPCACHE: &str = "ferrum_pol_ipcache";
+pub(crate) const MAP_POL_CIDR: &str = "ferrum_pol_cidr";
+pub(crate) const MAP_POLICY: &str = "ferrum_policy";
+pub(crate) const MAP_POL_CT: &str = "ferrum_pol_ct";
 
 /// (map, key size, value size) of every pinned map, to refuse pins left by an incompatible build.
-const MAP_LAYOUTS: [(&str, usize, usize); 13] = [
+const MAP_LAYOUTS: [(&str, usize, usize); 18] = [
+    (MAP_POL_ENDPOINTS, 4, abi::POL_ENDPOINT_SIZE),
+    (MAP_POL_IPCACHE, IPCACHE_KEY_SIZE, 4),
+    (MAP_POL_CIDR, abi::POL_CIDR_KEY_SIZE, 4),
+    (MAP_POLICY, abi::POLICY_KEY_SIZE, 4),
+    (MAP_POL_CT, NAT_KEY_SIZE, abi::POL_CT_SIZE),
     (MAP_FLOW_AGG, 4, FLOW_SLOT_SIZE),
     (MAP_CONFIG, 4, CONFIG_SIZE),
     (MAP_ENDPOINTS, 4, ENDPOINT_SIZE),
@@ -271,11 +285,13 @@ pub enum Program {
     ToOverlay,
     ToUplink,
     FromUplink,
+    ToPod,
 }
 
 impl Program {
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 6] = [
         Program::FromPod,
+        Program::ToPod,
         Program::FromOverlay,
         Program::ToOverlay,
         Program::ToUplink,
@@ -289,6 +305,7 @@ impl Program {
             Program::ToOverlay => "to_overlay",
             Program::ToUplink => "to_uplink",
             Program::FromUplink => "from_uplink",
+            Program::ToPod => "to_pod",
         }
     }
 }
@@ -507,32 +524,51 @@ impl Datapath {
             nat_port_min: *cfg.nat_ports.start(),
             nat_port_max: *cfg.nat_ports.end(),
             flags: if cfg.trace { CONFIG_FLAG_TRACE } else { 0 },
+            policy_gen: 0,
         };
         let mut array: Array<_, RawConfig> =
             Array::try_from(self.map_mut(MAP_CONFIG)?).map_err(map_op_err(MAP_CONFIG, "open"))?;
+        // The policy generation belongs to the policy stage: keep it.
+        let current = array
+            .get(&0, 0)
+            .map_err(map_op_err(MAP_CONFIG, "read the node config"))?;
         array
-            .set(0, raw, 0)
+            .set(
+                0,
+                RawConfig {
+                    policy_gen: current.policy_gen,
+                    ..raw
+                },
+                0,
+            )
             .map_err(map_op_err(MAP_CONFIG, "write the node config"))
     }
 
-    /// tcx ingress from_pod on a host veth (in the calling thread's netns); the link is pinned
-    /// at pin_dir/links/<ifname>-ingress so it survives the agent; if a pinned link for this
-    /// ifname exists and is still attached, it is adopted, not duplicated. Idempotent.
+    /// tcx ingress from_pod and egress to_pod on a host veth (in the calling thread's netns);
+    /// the links are pinned at pin_dir/links/<ifname>-{ingress,egress} so they survive the
+    /// agent; a pinned link for this ifname that is still attached is adopted, not duplicated.
+    /// Idempotent.
     pub fn attach_pod(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let path = self
-            .pin_dir
-            .join(POD_LINKS_DIR)
-            .join(format!("{ifname}-ingress"));
-        self.attach_pinned(Program::FromPod, ifname, TcAttachType::Ingress, &path)
+        let dir = self.pin_dir.join(POD_LINKS_DIR);
+        self.attach_pinned(
+            Program::FromPod,
+            ifname,
+            TcAttachType::Ingress,
+            &dir.join(format!("{ifname}-ingress")),
+        )?;
+        self.attach_pinned(
+            Program::ToPod,
+            ifname,
+            TcAttachType::Egress,
+            &dir.join(format!("{ifname}-egress")),
+        )
     }
 
     /// Ok if nothing is attached.
     pub fn detach_pod(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let path = self
-            .pin_dir
-            .join(POD_LINKS_DIR)
-            .join(format!("{ifname}-ingress"));
-        remove_link_pin(&path)
+        let dir = self.pin_dir.join(POD_LINKS_DIR);
+        remove_link_pin(&dir.join(format!("{ifname}-ingress")))?;
+        remove_link_pin(&dir.join(format!("{ifname}-egress")))
     }
 
     /// from_overlay on ingress and to_overlay on egress of the VXLAN device.
