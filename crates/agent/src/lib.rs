@@ -11,6 +11,7 @@ pub mod install;
 pub mod ipcache;
 pub mod kernel;
 pub mod observe;
+pub mod policy;
 pub mod restore;
 pub mod server;
 pub mod services;
@@ -242,7 +243,8 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
         let api = Arc::clone(&api);
         move || observe::serve_unix(unix, api)
     })?;
-    let source: Box<dyn Source> = Box::new(observe::ObservedSource::new(source, observer));
+    let source: Box<dyn Source> =
+        Box::new(observe::ObservedSource::new(source, Arc::clone(&observer)));
     let id = NodeIdentity {
         name: config.node_name.clone(),
         ip: node_ip,
@@ -261,7 +263,7 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
     }
     spawn("watch", {
         let state = Arc::clone(&state);
-        move || watch::watch_loop(source, state, id)
+        move || watch::watch_loop(source, state, id, Some(observer))
     })?;
     tracing::info!(node = %config.node_name, %node_ip, socket = %config.socket.display(), "agent started");
     Ok(AgentHandle {

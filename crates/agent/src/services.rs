@@ -314,6 +314,30 @@ impl LbReconciler {
         self.applied = Some(desired);
         Ok(stats)
     }
+
+    /// The Service behind each frontend id written by the last reconciliation.
+    pub fn service_ids(&self, compiled: &Compiled) -> Vec<(u32, ferrum_flow::ServiceRef)> {
+        let Some(applied) = &self.applied else {
+            return Vec::new();
+        };
+        compiled
+            .frontends
+            .iter()
+            .filter_map(|(key, fe)| {
+                let id = applied.services.get(&raw_key(key))?.id;
+                // `namespace/name:port`
+                let (ns, rest) = fe.service.split_once('/')?;
+                let name = rest.split(':').next().unwrap_or(rest);
+                Some((
+                    id,
+                    ferrum_flow::ServiceRef {
+                        name: name.to_string(),
+                        namespace: ns.to_string(),
+                    },
+                ))
+            })
+            .collect()
+    }
 }
 
 fn apply_diff<D: LbDataplane>(

@@ -264,6 +264,7 @@ pub fn realize_services<D: crate::services::LbDataplane>(
     nodes: &BTreeMap<String, NodeInfo>,
     services: &mut crate::services::ServiceTable,
     lb: &mut crate::services::LbReconciler,
+    observer: Option<&crate::observe::Observer>,
 ) -> anyhow::Result<()> {
     if !services.dirty {
         return Ok(());
@@ -276,6 +277,12 @@ pub fn realize_services<D: crate::services::LbDataplane>(
     }
     let stats = lb.reconcile(dataplane, &compiled)?;
     services.dirty = false;
+    if let Some(observer) = observer {
+        // Flow records name the Service a translated packet went through.
+        observer
+            .directory_mut()
+            .replace_service_ids(lb.service_ids(&compiled));
+    }
     if stats != crate::services::LbStats::default() {
         tracing::info!(
             frontends = compiled.frontends.len(),
@@ -284,6 +291,55 @@ pub fn realize_services<D: crate::services::LbDataplane>(
             purged_flows = stats.purged_flows,
             elapsed_us = started.elapsed().as_micros() as u64,
             "load balancer reconciled"
+        );
+    }
+    Ok(())
+}
+
+/// Compiles NetworkPolicy for this node and reconciles the policy maps, when anything it
+/// depends on changed; flow records learn what the rule ids and identities stand for.
+pub fn realize_policy<D: crate::policy::PolicyDataplane>(
+    dataplane: &mut D,
+    id: &NodeIdentity,
+    table: &mut crate::policy::PolicyTable,
+    reconciler: &mut crate::policy::PolicyReconciler,
+    observer: Option<&crate::observe::Observer>,
+) -> anyhow::Result<()> {
+    if !table.dirty {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let (state, stats) = reconciler.reconcile(dataplane, table, &id.name)?;
+    table.dirty = false;
+    for e in &state.rejected {
+        tracing::warn!("policy not enforced: {e}");
+    }
+    if let Some(observer) = observer {
+        let mut dir = observer.directory_mut();
+        dir.replace_policy_rules(state.rules.iter().enumerate().map(|(i, r)| {
+            (
+                i as u32 + 1,
+                ferrum_flow::PolicyRef {
+                    name: r.policy.clone(),
+                    namespace: r.namespace.clone(),
+                    labels: Vec::new(),
+                    kind: "NetworkPolicy".into(),
+                },
+            )
+        }));
+        for ep in state.endpoints.values() {
+            dir.set_identity(&ep.namespace, &ep.name, ep.identity.0);
+        }
+    }
+    if stats.generation.is_some() {
+        tracing::info!(
+            endpoints = state.endpoints.len(),
+            rules = state.rules.len(),
+            writes = stats.writes,
+            removes = stats.removes,
+            generation = stats.generation,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "policy reconciled"
         );
     }
     Ok(())
@@ -346,14 +402,17 @@ pub fn scaler_loop<D: Dataplane>(
 }
 
 /// Runs until the process ends: consume events, realize at each Synced, report.
-pub fn watch_loop<D: Dataplane + crate::services::LbDataplane>(
+pub fn watch_loop<D: Dataplane + crate::services::LbDataplane + crate::policy::PolicyDataplane>(
     mut source: Box<dyn Source>,
     state: SharedState<D>,
     id: NodeIdentity,
+    observer: Option<std::sync::Arc<crate::observe::Observer>>,
 ) {
     let mut table = NodeTable::default();
     let mut services = crate::services::ServiceTable::default();
     let mut lb = crate::services::LbReconciler::default();
+    let mut policies = crate::policy::PolicyTable::default();
+    let mut policy = crate::policy::PolicyReconciler::default();
     let mut backoff = Duration::from_millis(200);
     loop {
         let event = match source.next_event() {
@@ -370,6 +429,7 @@ pub fn watch_loop<D: Dataplane + crate::services::LbDataplane>(
             }
         };
         services.apply(&event);
+        policies.apply(&event);
         let Some(revision) = table.apply(event) else {
             continue;
         };
@@ -387,6 +447,16 @@ pub fn watch_loop<D: Dataplane + crate::services::LbDataplane>(
                     table.nodes(),
                     &mut services,
                     &mut lb,
+                    observer.as_deref(),
+                )
+            })
+            .and_then(|()| {
+                realize_policy(
+                    &mut guard.dataplane,
+                    &id,
+                    &mut policies,
+                    &mut policy,
+                    observer.as_deref(),
                 )
             });
             match realized {

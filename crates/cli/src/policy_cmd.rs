@@ -97,11 +97,6 @@ fn trace(name: &str, args: TraceArgs) -> Result<i32> {
     for r in &state.rejected {
         eprintln!("warning: left out: {r}");
     }
-    // Say it where the verdict is read, not only in the README.
-    eprintln!(
-        "note: this is the policy compiler's verdict; the datapath does not enforce \
-         NetworkPolicy yet, so traffic is currently allowed whatever the verdict"
-    );
     if args.output == "json" {
         println!("{}", serde_json::to_string_pretty(&t)?);
     } else {

@@ -166,7 +166,7 @@ fn macs(src: Ipv4Addr) -> ([u8; 6], [u8; 6]) {
 
 impl Fixture {
     /// Runs from_pod for a packet leaving POD_A or POD_B.
-    fn from_pod(&mut self, frame: &[u8]) -> Result<i32> {
+    fn leave_pod(&mut self, frame: &[u8]) -> Result<i32> {
         let src = packet::parse(frame)?.src;
         let ifindex = if src == POD_A {
             self.veth_a
@@ -211,11 +211,11 @@ fn ingress_allows_only_the_selected_peer_ports_and_protocols_and_drops_name_the_
 
     // The named port resolves to 8080 on b.
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 40000), sa(POD_B, 8080), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 40000), sa(POD_B, 8080), true))?,
         TC_ACT_REDIRECT
     );
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 40001), sa(POD_B, 8081), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 40001), sa(POD_B, 8081), true))?,
         TC_ACT_SHOT
     );
     let drops = f.drops();
@@ -227,28 +227,28 @@ fn ingress_allows_only_the_selected_peer_ports_and_protocols_and_drops_name_the_
 
     // endPort range, UDP only.
     assert_eq!(
-        f.from_pod(&udp(sa(POD_A, 5000), sa(POD_B, 9005)))?,
+        f.leave_pod(&udp(sa(POD_A, 5000), sa(POD_B, 9005)))?,
         TC_ACT_REDIRECT
     );
     assert_eq!(
-        f.from_pod(&udp(sa(POD_A, 5001), sa(POD_B, 9011)))?,
+        f.leave_pod(&udp(sa(POD_A, 5001), sa(POD_B, 9011)))?,
         TC_ACT_SHOT
     );
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 5002), sa(POD_B, 9005), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 5002), sa(POD_B, 9005), true))?,
         TC_ACT_SHOT
     );
     // SCTP 80 is allowed, SCTP 81 and TCP 80 are not.
     assert_eq!(
-        f.from_pod(&sctp(sa(POD_A, 7000), sa(POD_B, 80)))?,
+        f.leave_pod(&sctp(sa(POD_A, 7000), sa(POD_B, 80)))?,
         TC_ACT_REDIRECT
     );
     assert_eq!(
-        f.from_pod(&sctp(sa(POD_A, 7001), sa(POD_B, 81)))?,
+        f.leave_pod(&sctp(sa(POD_A, 7001), sa(POD_B, 81)))?,
         TC_ACT_SHOT
     );
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 7002), sa(POD_B, 80), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 7002), sa(POD_B, 80), true))?,
         TC_ACT_SHOT
     );
     // Another pod (the remote one, over the overlay) is not selected.
@@ -261,7 +261,7 @@ fn ingress_allows_only_the_selected_peer_ports_and_protocols_and_drops_name_the_
     );
     // b itself is not egress-isolated; a is not isolated at all.
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_B, 41000), sa(POD_A, 22), true))?,
+        f.leave_pod(&tcp(sa(POD_B, 41000), sa(POD_A, 22), true))?,
         TC_ACT_REDIRECT
     );
     Ok(())
@@ -290,12 +290,12 @@ spec:
     let (mut f, _, _) = fixture(&[deny_all, a_to_b, b_from_a])?;
     // a -> b is allowed by both sides; b's reply passes although b's egress denies all.
     let syn = tcp(sa(POD_A, 40000), sa(POD_B, 8080), true);
-    assert_eq!(f.from_pod(&syn)?, TC_ACT_REDIRECT);
+    assert_eq!(f.leave_pod(&syn)?, TC_ACT_REDIRECT);
     let reply = tcp(sa(POD_B, 8080), sa(POD_A, 40000), false);
-    assert_eq!(f.from_pod(&reply)?, TC_ACT_REDIRECT);
+    assert_eq!(f.leave_pod(&reply)?, TC_ACT_REDIRECT);
     // b cannot open its own connection to a.
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_B, 8080), sa(POD_A, 40001), true))?,
+        f.leave_pod(&tcp(sa(POD_B, 8080), sa(POD_A, 40001), true))?,
         TC_ACT_SHOT
     );
     assert_eq!(f.drops()[0].reason, Reason::PolicyEgress);
@@ -310,7 +310,7 @@ spec:
     let probe = tcp(sa(NODE_IP, 50000), sa(POD_B, 8080), true);
     assert_eq!(f.run(Program::ToPod, &probe)?, TC_ACT_OK);
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_B, 8080), sa(NODE_IP, 50000), false))?,
+        f.leave_pod(&tcp(sa(POD_B, 8080), sa(NODE_IP, 50000), false))?,
         TC_ACT_OK,
         "the reply goes up the host stack"
     );
@@ -320,11 +320,11 @@ spec:
     assert_eq!(f.run(Program::FromOverlay, &other)?, TC_ACT_SHOT);
     // a's egress to anything but b is denied, whatever the path.
     assert_eq!(
-        f.from_pod(&udp(sa(POD_A, 5353), sa(REMOTE_POD, 53)))?,
+        f.leave_pod(&udp(sa(POD_A, 5353), sa(REMOTE_POD, 53)))?,
         TC_ACT_SHOT
     );
     assert_eq!(
-        f.from_pod(&udp(sa(POD_A, 5353), sa(Ipv4Addr::new(192, 0, 2, 1), 53)))?,
+        f.leave_pod(&udp(sa(POD_A, 5353), sa(Ipv4Addr::new(192, 0, 2, 1), 53)))?,
         TC_ACT_SHOT
     );
     Ok(())
@@ -347,20 +347,20 @@ spec:
     let (mut f, _, maps) = fixture(&[egress])?;
     // A pod on this node, inside the block.
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 40000), sa(POD_B, 8080), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 40000), sa(POD_B, 8080), true))?,
         TC_ACT_REDIRECT
     );
     // The remote pod is in the except, but its own /32 rule allows UDP 53 only.
     assert_eq!(
-        f.from_pod(&udp(sa(POD_A, 5000), sa(REMOTE_POD, 53)))?,
+        f.leave_pod(&udp(sa(POD_A, 5000), sa(REMOTE_POD, 53)))?,
         TC_ACT_REDIRECT
     );
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 5001), sa(REMOTE_POD, 53), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 5001), sa(REMOTE_POD, 53), true))?,
         TC_ACT_SHOT
     );
     assert_eq!(
-        f.from_pod(&udp(sa(POD_A, 5002), sa(Ipv4Addr::new(10, 1, 1, 8), 53)))?,
+        f.leave_pod(&udp(sa(POD_A, 5002), sa(Ipv4Addr::new(10, 1, 1, 8), 53)))?,
         TC_ACT_SHOT
     );
     // External hosts: inside the block and outside its except, port 443 only.
@@ -372,7 +372,7 @@ spec:
         (ext(1), 80, TC_ACT_SHOT),
         (Ipv4Addr::new(198, 51, 100, 1), 443, TC_ACT_SHOT),
     ] {
-        let got = f.from_pod(&tcp(sa(POD_A, 6000 + port), sa(dst, port), true))?;
+        let got = f.leave_pod(&tcp(sa(POD_A, 6000 + port), sa(dst, port), true))?;
         assert_eq!(got, want, "{dst}:{port}");
         let lookup = maps.lookup(POD_A, Direction::Egress, dst, PROTO_TCP, port);
         assert_eq!(lookup.allowed, want == TC_ACT_OK, "the compiler agrees");
@@ -421,7 +421,7 @@ spec:
     }
     // VIP:80 -> b:8080 is allowed by b's policy on the backend port; VIP:81 -> b:9090 is not.
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 40000), sa(VIP, 80), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 40000), sa(VIP, 80), true))?,
         TC_ACT_REDIRECT
     );
     let out = f.dp.test_run(
@@ -439,7 +439,7 @@ spec:
     );
     // The backend's reply is translated back to the frontend and allowed.
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_B, 8080), sa(POD_A, 40000), false))?,
+        f.leave_pod(&tcp(sa(POD_B, 8080), sa(POD_A, 40000), false))?,
         TC_ACT_REDIRECT
     );
 
@@ -492,10 +492,10 @@ spec:
     let fwd = tcp(sa(POD_A, 40000), sa(POD_B, 8080), false);
     let back = tcp(sa(POD_B, 8080), sa(POD_A, 40000), false);
     assert_eq!(
-        f.from_pod(&tcp(sa(POD_A, 40000), sa(POD_B, 8080), true))?,
+        f.leave_pod(&tcp(sa(POD_A, 40000), sa(POD_B, 8080), true))?,
         TC_ACT_REDIRECT
     );
-    assert_eq!(f.from_pod(&back)?, TC_ACT_REDIRECT);
+    assert_eq!(f.leave_pod(&back)?, TC_ACT_REDIRECT);
 
     // The policy now allows nothing: both directions of the connection stop.
     let (_, denied) = compile(&["
@@ -503,8 +503,12 @@ metadata: {name: b-from-a, namespace: x}
 spec: {podSelector: {matchLabels: {app: b}}, policyTypes: [Ingress]}
 "]);
     install(&mut f.dp, &denied)?;
-    assert_eq!(f.from_pod(&fwd)?, TC_ACT_SHOT);
-    assert_eq!(f.from_pod(&back)?, TC_ACT_SHOT, "the reply path is cut too");
+    assert_eq!(f.leave_pod(&fwd)?, TC_ACT_SHOT);
+    assert_eq!(
+        f.leave_pod(&back)?,
+        TC_ACT_SHOT,
+        "the reply path is cut too"
+    );
     let ct = f.dp.policy_conntrack()?;
     assert!(ct[0].denied, "{ct:?}");
     assert!(
@@ -513,8 +517,8 @@ spec: {podSelector: {matchLabels: {app: b}}, policyTypes: [Ingress]}
     );
     // Allowed again: the same connection carries on.
     install(&mut f.dp, &allowed)?;
-    assert_eq!(f.from_pod(&back)?, TC_ACT_REDIRECT);
-    assert_eq!(f.from_pod(&fwd)?, TC_ACT_REDIRECT);
+    assert_eq!(f.leave_pod(&back)?, TC_ACT_REDIRECT);
+    assert_eq!(f.leave_pod(&fwd)?, TC_ACT_REDIRECT);
     assert!(!f.dp.policy_conntrack()?[0].denied);
     Ok(())
 }
@@ -584,7 +588,7 @@ spec:
                 let want2 = maps
                     .lookup(POD_A, Direction::Egress, peer, proto, port)
                     .allowed;
-                let got = f.from_pod(&frame(sa(POD_A, sport), sa(peer, port)))?;
+                let got = f.leave_pod(&frame(sa(POD_A, sport), sa(peer, port)))?;
                 assert_eq!(got != TC_ACT_SHOT, want2, "a -> {peer}:{port}/{proto}");
                 for w in [want, want2] {
                     if w {

@@ -113,6 +113,16 @@ impl Directory {
         self.policy_rules.insert(id, policy);
     }
 
+    /// Every Service frontend id at once (ids of frontends that went are forgotten).
+    pub fn replace_service_ids(&mut self, ids: impl IntoIterator<Item = (u32, ServiceRef)>) {
+        self.service_ids = ids.into_iter().collect();
+    }
+
+    /// Every policy rule id at once.
+    pub fn replace_policy_rules(&mut self, rules: impl IntoIterator<Item = (u32, PolicyRef)>) {
+        self.policy_rules = rules.into_iter().collect();
+    }
+
     pub fn service(&self, id: u32) -> Option<ServiceRef> {
         self.service_ids.get(&id).cloned()
     }

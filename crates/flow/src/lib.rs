@@ -13,5 +13,5 @@ pub mod time;
 
 pub use directory::Directory;
 pub use filter::{Filter, FilterError};
-pub use record::{Endpoint, Flow, FlowEvent, Verdict, build_flow};
+pub use record::{Endpoint, Flow, FlowEvent, PolicyRef, ServiceRef, Verdict, build_flow};
 pub use ring::FlowRing;

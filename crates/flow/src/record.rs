@@ -393,8 +393,8 @@ pub fn build_flow(ev: &FlowEvent, dir: &Directory, node_name: &str) -> Flow {
         None
     };
     let ingress = match ev.reason.as_str() {
-        "TO_ENDPOINT" | "FROM_OVERLAY" | "REV_SNAT" => true,
-        "TO_OVERLAY" | "TO_STACK" | "SNAT" => false,
+        "TO_ENDPOINT" | "FROM_OVERLAY" | "REV_SNAT" | "POLICY_DENIED_INGRESS" => true,
+        "TO_OVERLAY" | "TO_STACK" | "SNAT" | "POLICY_DENIED_EGRESS" => false,
         // Drops: the sending side when the source is one of this node's pods.
         _ => source.node_name != node_name || source.pod_name.is_empty(),
     };
