@@ -420,11 +420,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrum_pol_endpoints SEC(".maps");
 
+/* Every entry is one address (pods, nodes): a hash lookup costs the same at any size. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 524288);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct ferrum_pol_ipcache_key);
+	__type(key, __u32);
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrum_pol_ipcache SEC(".maps");
@@ -455,14 +456,45 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrum_pol_ct SEC(".maps");
 
+/* The policy map's entries for a whole port (96 bits), a whole protocol (80: port 0) or every
+ * protocol (72: protocol and port 0) live in a hash, so that a lookup costs the same however
+ * many identities and rules there are; port ranges stay in the LPM above. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1048576);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ferrum_policy_data);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_policy_exact SEC(".maps");
+
 #define POLICY_ALLOW 0
 #define POLICY_DENY 1
 
+/* The rule allowing `peer` (the longest match, as one LPM over all entries would give). */
 static __always_inline __u32 *policy_lookup(struct ferrum_policy_key *key, __u32 peer)
 {
-	__u32 be = bpf_htonl(peer);
+	struct ferrum_policy_data *data = (void *)key + sizeof(key->prefixlen);
+	__u32 be = bpf_htonl(peer), *v;
+	__u16 port = key->port;
+	__u8 proto = key->proto;
+
 	__builtin_memcpy(key->peer, &be, 4);
-	return bpf_map_lookup_elem(&ferrum_policy, key);
+	v = bpf_map_lookup_elem(&ferrum_policy_exact, data);
+	if (v)
+		return v;
+	v = bpf_map_lookup_elem(&ferrum_policy, key);
+	if (v)
+		return v;
+	key->port = 0;
+	v = bpf_map_lookup_elem(&ferrum_policy_exact, data);
+	if (!v) {
+		key->proto = 0;
+		v = bpf_map_lookup_elem(&ferrum_policy_exact, data);
+		key->proto = proto;
+	}
+	key->port = port;
+	return v;
 }
 
 /* One direction of one isolated endpoint: does some rule allow this peer, protocol and port?
@@ -471,12 +503,11 @@ static __always_inline __u32 *policy_lookup(struct ferrum_policy_key *key, __u32
 static __always_inline int policy_allows(__u32 endpoint, __u8 direction, __u32 peer_addr,
 					 __u8 proto, __u16 port, __u32 *rule)
 {
-	struct ferrum_pol_ipcache_key ikey = { .prefixlen = 32, .addr = peer_addr };
 	struct ferrum_pol_cidr_key ckey = {};
 	struct ferrum_policy_key key = {};
 	__u32 identity = FERRUM_ID_WORLD, *v;
 
-	v = bpf_map_lookup_elem(&ferrum_pol_ipcache, &ikey);
+	v = bpf_map_lookup_elem(&ferrum_pol_ipcache, &peer_addr);
 	if (v)
 		identity = *v;
 	/* The endpoint's own node always gets in (kubelet health probes). */

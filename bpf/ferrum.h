@@ -271,11 +271,7 @@ struct ferrum_pol_endpoint {
 	__u32 ingress_deny_rule;
 	__u32 egress_deny_rule;
 };
-/* ferrum_pol_ipcache: address (LPM) -> security identity; no match means FERRUM_ID_WORLD. */
-struct ferrum_pol_ipcache_key {
-	__u32 prefixlen;
-	__u32 addr;
-};
+/* ferrum_pol_ipcache: address -> security identity; no match means FERRUM_ID_WORLD. */
 /* ferrum_pol_cidr: (endpoint, direction, peer address) LPM -> the ipBlock class of the peer;
  * prefixlen counts the 40 bits of endpoint and direction plus the block's length. */
 struct ferrum_pol_cidr_key {
@@ -286,7 +282,8 @@ struct ferrum_pol_cidr_key {
 } __attribute__((packed));
 #define FERRUM_POL_CIDR_KEY_SIZE 13
 /* ferrum_policy: (endpoint, direction, peer identity or class, protocol, port) LPM -> the
- * allowing rule id. Every entry allows; "any port" entries are shorter prefixes. */
+ * allowing rule id. Every entry allows; "any port" entries are shorter prefixes. Entries of
+ * 72, 80 and 96 bits are kept in the hash ferrum_policy_exact instead (see ferrum.c). */
 struct ferrum_policy_key {
 	__u32 prefixlen;
 	__u32 endpoint;
@@ -296,6 +293,14 @@ struct ferrum_policy_key {
 	__u16 port;
 } __attribute__((packed));
 #define FERRUM_POLICY_KEY_SIZE 16
+/* The same without prefixlen: the key of ferrum_policy_exact. */
+struct ferrum_policy_data {
+	__u32 endpoint;
+	__u8 direction;
+	__u8 peer[4];
+	__u8 proto;
+	__u16 port;
+} __attribute__((packed));
 #define FERRUM_POLICY_KEY_BITS 96
 
 /* ferrum_pol_ct: connections the policy stage let through, keyed by the 5-tuple normalized so

@@ -74,10 +74,16 @@ fn policy_is_enforced_in_vnet_mode_and_applies_to_established_connections() -> R
         ]
         .join("---\n"),
     )?;
-    let (a_ns, c_ns) = (lab.pod_netns("default", "a")?, lab.pod_netns("default", "c")?);
+    let (a_ns, c_ns) = (
+        lab.pod_netns("default", "a")?,
+        lab.pod_netns("default", "c")?,
+    );
     let b = lab.pod_ip("default", "b")?;
 
-    ensure!(tcp_name(&a_ns, b, 80)? == Some("b".into()), "a -> b:80 is allowed");
+    ensure!(
+        tcp_name(&a_ns, b, 80)? == Some("b".into()),
+        "a -> b:80 is allowed"
+    );
     ensure!(tcp_name(&c_ns, b, 80)?.is_none(), "c -> b:80 is dropped");
     // The node of b probes it (kubelet); the other node is an ordinary peer.
     ensure!(
@@ -127,7 +133,10 @@ fn policy_is_enforced_in_vnet_mode_and_applies_to_established_connections() -> R
     client.write_all(b"1")?;
     ensure!(server.read(&mut buf)? == 1 && buf[0] == b'1', "data flows");
     server.write_all(b"r")?;
-    ensure!(client.read(&mut buf)? == 1 && buf[0] == b'r', "replies flow");
+    ensure!(
+        client.read(&mut buf)? == 1 && buf[0] == b'r',
+        "replies flow"
+    );
 
     // b now allows nothing: the connection's next packets are dropped, both ways.
     lab.apply(DENY_ALL)?;
@@ -150,6 +159,9 @@ fn policy_is_enforced_in_vnet_mode_and_applies_to_established_connections() -> R
     // Deleting the policy lifts the isolation.
     let out = lab.ferrum(&["delete", "-f", "-"], Some(POLICY))?;
     ensure!(out.status.success(), "{out:?}");
-    ensure!(tcp_name(&c_ns, b, 80)? == Some("b".into()), "c -> b:80 after delete");
+    ensure!(
+        tcp_name(&c_ns, b, 80)? == Some("b".into()),
+        "c -> b:80 after delete"
+    );
     Ok(())
 }

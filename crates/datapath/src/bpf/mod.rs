@@ -66,12 +66,14 @@ pub(crate) const MAP_POL_ENDPOINTS: &str = "ferrum_pol_endpoints";
 pub(crate) const MAP_POL_IPCACHE: &str = "ferrum_pol_ipcache";
 pub(crate) const MAP_POL_CIDR: &str = "ferrum_pol_cidr";
 pub(crate) const MAP_POLICY: &str = "ferrum_policy";
+pub(crate) const MAP_POLICY_EXACT: &str = "ferrum_policy_exact";
 pub(crate) const MAP_POL_CT: &str = "ferrum_pol_ct";
 
 /// (map, key size, value size) of every pinned map, to refuse pins left by an incompatible build.
-const MAP_LAYOUTS: [(&str, usize, usize); 18] = [
+const MAP_LAYOUTS: [(&str, usize, usize); 19] = [
+    (MAP_POLICY_EXACT, POLICY_KEY_LEN, 4),
     (MAP_POL_ENDPOINTS, 4, abi::POL_ENDPOINT_SIZE),
-    (MAP_POL_IPCACHE, IPCACHE_KEY_SIZE, 4),
+    (MAP_POL_IPCACHE, 4, 4),
     (MAP_POL_CIDR, abi::POL_CIDR_KEY_SIZE, 4),
     (MAP_POLICY, abi::POLICY_KEY_SIZE, 4),
     (MAP_POL_CT, NAT_KEY_SIZE, abi::POL_CT_SIZE),

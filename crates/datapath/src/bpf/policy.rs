@@ -13,7 +13,7 @@ use super::abi::{
 };
 use super::{
     Datapath, DatapathError, MAP_CONFIG, MAP_POL_CIDR, MAP_POL_CT, MAP_POL_ENDPOINTS,
-    MAP_POL_IPCACHE, MAP_POLICY, ignore_missing, map_op_err,
+    MAP_POL_IPCACHE, MAP_POLICY, MAP_POLICY_EXACT, ignore_missing, map_op_err,
 };
 
 /// Data bytes of a `ferrum_policy` key: endpoint (4) | direction (1) | peer (4) | protocol (1)
@@ -52,6 +52,41 @@ pub struct PolicyConntrack {
     pub closing: bool,
     /// Judged again under a newer policy and denied: its packets are dropped.
     pub denied: bool,
+}
+
+/// Prefix lengths of policy entries that are exact keys (peer | protocol | port, peer |
+/// protocol with port 0, peer with protocol and port 0).
+const EVERY_PROTOCOL_BITS: u32 = 72;
+const WHOLE_PROTOCOL_BITS: u32 = 80;
+const WHOLE_PORT_BITS: u32 = 96;
+
+fn is_exact(prefix_len: u32) -> bool {
+    matches!(
+        prefix_len,
+        EVERY_PROTOCOL_BITS | WHOLE_PROTOCOL_BITS | WHOLE_PORT_BITS
+    )
+}
+
+/// The key with every bit past `bits` cleared (what the LPM would compare).
+fn masked(mut data: [u8; POLICY_KEY_LEN], bits: u32) -> [u8; POLICY_KEY_LEN] {
+    for (i, b) in data.iter_mut().enumerate() {
+        let start = i as u32 * 8;
+        if start >= bits {
+            *b = 0;
+        } else if start + 8 > bits {
+            *b &= 0xffu8 << (8 - (bits - start));
+        }
+    }
+    data
+}
+
+fn single_address(prefix_len: u32) -> Result<(), DatapathError> {
+    if prefix_len != 32 {
+        return Err(DatapathError::InvalidConfig(format!(
+            "policy identities are per address (/32), got a /{prefix_len}"
+        )));
+    }
+    Ok(())
 }
 
 type Lpm<'a, const N: usize> = LpmTrie<&'a mut MapData, [u8; N], u32>;
@@ -97,22 +132,24 @@ impl Datapath {
             .map_err(map_op_err(MAP_POL_ENDPOINTS, format!("remove {ip}")))
     }
 
-    /// An address block's security identity (data: the network address's bytes).
+    /// An address's security identity. The datapath knows single addresses only (pods and
+    /// nodes); anything else is refused.
     pub fn upsert_identity(
         &mut self,
         prefix_len: u32,
         data: [u8; 4],
         identity: u32,
     ) -> Result<(), DatapathError> {
-        self.lpm_mut::<4>(MAP_POL_IPCACHE)?
-            .insert(&LpmKey::new(prefix_len, data), identity, 0)
+        single_address(prefix_len)?;
+        self.hash_map_mut::<[u8; 4], u32>(MAP_POL_IPCACHE)?
+            .insert(data, identity, 0)
             .map_err(map_op_err(MAP_POL_IPCACHE, "insert"))
     }
 
     pub fn remove_identity(&mut self, prefix_len: u32, data: [u8; 4]) -> Result<(), DatapathError> {
-        let mut trie = self.lpm_mut::<4>(MAP_POL_IPCACHE)?;
-        ignore_missing(trie.remove(&LpmKey::new(prefix_len, data)))
-            .map_err(map_op_err(MAP_POL_IPCACHE, "remove"))
+        single_address(prefix_len)?;
+        let mut map = self.hash_map_mut::<[u8; 4], u32>(MAP_POL_IPCACHE)?;
+        ignore_missing(map.remove(&data)).map_err(map_op_err(MAP_POL_IPCACHE, "remove"))
     }
 
     pub fn upsert_policy_cidr(
@@ -136,12 +173,21 @@ impl Datapath {
             .map_err(map_op_err(MAP_POL_CIDR, "remove"))
     }
 
+    /// One entry of the policy LPM (crates/policy's model). Whole-port, whole-protocol and
+    /// every-protocol entries go to the hash `ferrum_policy_exact` (constant-time lookups);
+    /// port ranges to the LPM.
     pub fn upsert_policy_rule(
         &mut self,
         prefix_len: u32,
         data: [u8; POLICY_KEY_LEN],
         rule: u32,
     ) -> Result<(), DatapathError> {
+        if is_exact(prefix_len) {
+            return self
+                .hash_map_mut::<[u8; POLICY_KEY_LEN], u32>(MAP_POLICY_EXACT)?
+                .insert(masked(data, prefix_len), rule, 0)
+                .map_err(map_op_err(MAP_POLICY_EXACT, "insert"));
+        }
         self.lpm_mut::<POLICY_KEY_LEN>(MAP_POLICY)?
             .insert(&LpmKey::new(prefix_len, data), rule, 0)
             .map_err(map_op_err(MAP_POLICY, "insert"))
@@ -152,9 +198,31 @@ impl Datapath {
         prefix_len: u32,
         data: [u8; POLICY_KEY_LEN],
     ) -> Result<(), DatapathError> {
+        if is_exact(prefix_len) {
+            let mut map = self.hash_map_mut::<[u8; POLICY_KEY_LEN], u32>(MAP_POLICY_EXACT)?;
+            return ignore_missing(map.remove(&masked(data, prefix_len)))
+                .map_err(map_op_err(MAP_POLICY_EXACT, "remove"));
+        }
         let mut trie = self.lpm_mut::<POLICY_KEY_LEN>(MAP_POLICY)?;
         ignore_missing(trie.remove(&LpmKey::new(prefix_len, data)))
             .map_err(map_op_err(MAP_POLICY, "remove"))
+    }
+
+    /// Both halves of the policy map as LPM entries.
+    fn policy_rules(&self) -> Result<Vec<(u32, [u8; POLICY_KEY_LEN], u32)>, DatapathError> {
+        let mut out = self.lpm_entries::<POLICY_KEY_LEN>(MAP_POLICY)?;
+        let map = self.hash_map::<[u8; POLICY_KEY_LEN], u32>(MAP_POLICY_EXACT)?;
+        for item in map.iter() {
+            let (data, rule) = item.map_err(map_op_err(MAP_POLICY_EXACT, "iterate"))?;
+            let len = match (data[9], u16::from_be_bytes([data[10], data[11]])) {
+                (0, _) => EVERY_PROTOCOL_BITS,
+                (_, 0) => WHOLE_PROTOCOL_BITS,
+                _ => WHOLE_PORT_BITS,
+            };
+            out.push((len, data, rule));
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Everything in the policy maps (a restarted agent diffs against it).
@@ -174,9 +242,18 @@ impl Datapath {
         eps.sort_by_key(|(ip, _)| *ip);
         Ok(PolicyMapsDump {
             endpoints: eps,
-            identities: self.lpm_entries::<4>(MAP_POL_IPCACHE)?,
+            identities: {
+                let map = self.hash_map::<[u8; 4], u32>(MAP_POL_IPCACHE)?;
+                let mut v = Vec::new();
+                for item in map.iter() {
+                    let (addr, id) = item.map_err(map_op_err(MAP_POL_IPCACHE, "iterate"))?;
+                    v.push((32, addr, id));
+                }
+                v.sort();
+                v
+            },
             cidr_classes: self.lpm_entries::<POLICY_CIDR_KEY_LEN>(MAP_POL_CIDR)?,
-            rules: self.lpm_entries::<POLICY_KEY_LEN>(MAP_POLICY)?,
+            rules: self.policy_rules()?,
         })
     }
 
