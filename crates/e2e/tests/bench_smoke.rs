@@ -24,6 +24,9 @@ const ABSOLUTE: &[&str] = &[
     "cni_del_p50",
     "cni_del_p99",
     "cni_del_max",
+    "policy_apply_to_enforced_p50",
+    "policy_apply_to_enforced_p99",
+    "policy_apply_to_enforced_max",
 ];
 
 fn positive(metric: &Value, field: &str) -> Result<f64> {
@@ -46,6 +49,8 @@ fn bench_runs_and_reports_every_metric() -> Result<()> {
             "--rr-count",
             "200",
             "--pods",
+            "5",
+            "--policy-changes",
             "5",
             "--repeats",
             "1",
@@ -84,9 +89,9 @@ fn bench_runs_and_reports_every_metric() -> Result<()> {
     }
     assert_eq!(metrics.len(), COMPARED.len() + ABSOLUTE.len());
     assert_eq!(report["settings"]["pods"], 5);
-    for raw in ["cniAddMs", "cniDelMs"] {
-        let times = report["raw"][raw].as_array().context("raw CNI times")?;
-        assert_eq!(times.len(), 5, "{raw}: one time per pod");
+    for raw in ["cniAddMs", "cniDelMs", "policyApplyMs"] {
+        let times = report["raw"][raw].as_array().context("raw times")?;
+        assert_eq!(times.len(), 5, "{raw}: one time per pod or policy change");
     }
     Ok(())
 }

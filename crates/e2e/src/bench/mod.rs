@@ -8,6 +8,7 @@
 //! - [`report`]: statistics, the result table and its JSON.
 
 pub mod cni;
+pub mod policy;
 pub mod report;
 pub mod topo;
 pub mod traffic;
