@@ -80,10 +80,14 @@ step "From the external host: a LoadBalancer address, externalTrafficPolicy=Loca
 lb=$(svc_field web-public "s['status']['loadBalancer']['ingress'][0]['ip']")
 for i in 1 2 3 4; do nsenter --net="/run/netns/$ext_ns" nc -w 3 "$lb" 80; done | sort | uniq -c
 run ferrum service trace --from "$ext_ip" --to "$lb:80"
-step "NetworkPolicy, explained: the verdict and the rule that decides it (compiler; enforcement in the datapath is still to come)"
+step "NetworkPolicy, enforced in eBPF and explained: web pods take TCP 80 from the client only"
 run ferrum apply -f examples/demo-policy.yaml
 run ferrum policy trace --from demo/client --to demo/web-1 --port 80
+run ferrum exec -n demo client -- nc -w 3 "$web1" 80
 run ferrum policy trace --from demo/client --to demo/web-1 --port 53 --protocol udp || true
+run ferrum exec -n demo client -- sh -c "echo hi | nc -u -w 1 $web1 53; echo '(no answer: dropped)'"
+echo "The drop, recorded on web-1's node with the policy that decided it:"
+run ferrum observe --verdict DROPPED --to-pod demo/web-1 --last 1 -o json
 
 step "Growing the pod CIDR: lab update expands it; nodes keep their /24s and pods their addresses"
 run ferrum lab update --pod-cidr 10.244.0.0/15
