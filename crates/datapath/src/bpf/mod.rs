@@ -878,6 +878,38 @@ impl Datapath {
                 MAP_NAT_REV,
                 count::<RawNatKey, RawNatValue>(self, MAP_NAT_REV)?,
             ),
+            (
+                MAP_LB_SERVICES,
+                count::<abi::RawLbKey, abi::RawLbService>(self, MAP_LB_SERVICES)?,
+            ),
+            (
+                MAP_LB_BACKENDS,
+                count::<abi::RawLbBackendKey, abi::RawLbBackend>(self, MAP_LB_BACKENDS)?,
+            ),
+            (
+                MAP_LB_CT,
+                count::<RawNatKey, abi::RawLbCt>(self, MAP_LB_CT)?,
+            ),
+            (
+                MAP_LB_REV,
+                count::<RawNatKey, abi::RawLbRev>(self, MAP_LB_REV)?,
+            ),
+            (
+                MAP_POL_ENDPOINTS,
+                count::<u32, abi::RawPolEndpoint>(self, MAP_POL_ENDPOINTS)?,
+            ),
+            (
+                MAP_POL_IPCACHE,
+                count::<[u8; 4], u32>(self, MAP_POL_IPCACHE)?,
+            ),
+            (
+                MAP_POLICY_EXACT,
+                count::<[u8; POLICY_KEY_LEN], u32>(self, MAP_POLICY_EXACT)?,
+            ),
+            (
+                MAP_POL_CT,
+                count::<RawNatKey, abi::RawPolCt>(self, MAP_POL_CT)?,
+            ),
         ];
         let mut out = Vec::new();
         for (name, entries) in counts {
