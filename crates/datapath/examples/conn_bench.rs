@@ -313,8 +313,35 @@ fn install(t: &Topology, mode: Mode, n: u32) -> Result<Option<Datapath>> {
 fn measure(t: &Topology, target: Ipv4Addr, secs: f64) -> Result<(f64, Duration, Duration)> {
     let stop = Arc::new(AtomicBool::new(false));
     let server_ns = PathBuf::from(format!("/run/netns/{}", t.server));
-    let listener = run_in_netns(&server_ns, || TcpListener::bind((SERVER, 8080)))??;
-    listener.set_nonblocking(true)?;
+    // A deep listen queue: a server thread descheduled for a few milliseconds on a busy
+    // machine must not make the kernel drop SYNs (each costs the client a 1 s retransmit).
+    let listener = run_in_netns(&server_ns, || -> Result<TcpListener> {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, socket,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )?;
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true)?;
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(std::net::SocketAddrV4::new(SERVER, 8080)),
+        )?;
+        listen(&fd, Backlog::new(4096)?)?;
+        Ok(TcpListener::from(fd))
+    })??;
+    // A blocking accept that wakes up now and then to see `stop` (accept honours
+    // SO_RCVTIMEO). Polling with sleeps instead made the server slower than the clients a
+    // fast datapath produces: the listen queue overflowed, the kernel dropped SYNs and every
+    // overflow cost a 1 s SYN retransmit, which the benchmark then blamed on the datapath.
+    nix::sys::socket::setsockopt(
+        &listener,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(0, 100_000),
+    )?;
     let s2 = stop.clone();
     let server = std::thread::spawn(move || {
         while !s2.load(Ordering::Relaxed) {
@@ -323,11 +350,10 @@ fn measure(t: &Topology, target: Ipv4Addr, secs: f64) -> Result<(f64, Duration, 
                     // Wait for the client's RST instead of closing first: a server-side
                     // TIME_WAIT would collide with the client's quickly reused ports and
                     // cost 1 s SYN retransmits in every mode.
-                    let _ = s.set_nonblocking(false);
                     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
                     let _ = std::io::Read::read(&mut s, &mut [0u8; 1]);
                 }
-                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+                Err(_) => {}
             }
         }
     });
