@@ -715,6 +715,94 @@ mod tests {
     }
 
     #[test]
+    fn namespace_name_label_is_the_servers_on_every_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(dir.path()).unwrap();
+        let ns = |labels: &str| {
+            objects(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{{labels}}}}}\n"
+            ))
+        };
+        let shop = ObjectRef::new(Kind::Namespace, None, "shop");
+        // A user value is overwritten on create...
+        cp.apply(ns("kubernetes.io/metadata.name: other")).unwrap();
+        let created = cp.get(&shop).unwrap();
+        assert_eq!(
+            created.metadata().labels.as_ref().unwrap()[NAMESPACE_NAME_LABEL],
+            "shop"
+        );
+        let rx = cp.subscribe();
+        let _snapshot: Vec<WatchEvent> = rx.try_iter().collect();
+        // ...and on update, where the other labels are replaced whole and watchers see the
+        // same Namespace (same uid) change in place.
+        let out = cp
+            .apply(ns("team: blue, kubernetes.io/metadata.name: other"))
+            .unwrap();
+        assert_eq!(out.results[0].1, ApplyAction::Configured);
+        let updated = cp.get(&shop).unwrap();
+        let labels = updated.metadata().labels.clone().unwrap();
+        assert_eq!(labels[NAMESPACE_NAME_LABEL], "shop");
+        assert_eq!(labels["team"], "blue");
+        assert_eq!(updated.metadata().uid, created.metadata().uid);
+        let live: Vec<WatchEvent> = rx.try_iter().collect();
+        assert!(
+            matches!(&live[..], [WatchEvent::Upsert { object }, WatchEvent::Synced { .. }]
+                if object == &updated),
+            "{live:?}"
+        );
+        // Leaving the label out keeps it too: re-applying the same labels changes nothing.
+        let again = cp.apply(ns("team: blue")).unwrap();
+        assert_eq!(again.results[0].1, ApplyAction::Unchanged);
+        // The built-in namespaces carry it as well ("default" is referenced without applying).
+        let default = cp
+            .get(&ObjectRef::new(Kind::Namespace, None, "default"))
+            .unwrap();
+        assert_eq!(
+            default.metadata().labels.as_ref().unwrap()[NAMESPACE_NAME_LABEL],
+            "default"
+        );
+    }
+
+    #[test]
+    fn pod_relabel_is_an_in_place_update_for_watchers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(dir.path()).unwrap();
+        cp.apply(objects(NODES)).unwrap();
+        cp.apply(objects(&pod("a", ""))).unwrap();
+        let running = PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some("10.244.0.7".into()),
+            ..Default::default()
+        };
+        cp.update_pod_status("default", "a", running.clone())
+            .unwrap();
+        let before = get_pod(&cp, "a");
+        let rx = cp.subscribe();
+        let _snapshot: Vec<WatchEvent> = rx.try_iter().collect();
+        let yaml = pod("a", "").replace("labels: {app: web}", "labels: {app: web, role: client}");
+        let out = cp.apply(objects(&yaml)).unwrap();
+        assert_eq!(out.results[0].1, ApplyAction::Configured);
+        let live: Vec<WatchEvent> = rx.try_iter().collect();
+        let [
+            WatchEvent::Upsert {
+                object: Object::Pod(after),
+            },
+            WatchEvent::Synced { .. },
+        ] = &live[..]
+        else {
+            panic!("one in-place update expected: {live:?}");
+        };
+        assert_eq!(after.metadata.uid, before.metadata.uid, "same sandbox");
+        assert_eq!(
+            after.status.as_ref(),
+            Some(&running),
+            "keeps its IP and phase"
+        );
+        assert_eq!(after.spec, before.spec, "stays on its node");
+        assert_eq!(after.metadata.labels.as_ref().unwrap()["role"], "client");
+    }
+
+    #[test]
     fn apply_creates_replaces_and_reports_unchanged() {
         let dir = tempfile::tempdir().unwrap();
         let cp = ControlPlane::open(dir.path()).unwrap();

@@ -635,8 +635,18 @@ fn validate_peer(field: &str, peer: &NetworkPolicyPeer) -> Check {
 
 fn validate_policy_port(field: &str, p: &NetworkPolicyPort) -> Check {
     check_protocol(&format!("{field}.protocol"), p.protocol.as_deref())?;
-    if let Some(port) = &p.port {
-        check_int_or_name_port(&format!("{field}.port"), port)?;
+    match &p.port {
+        // A quoted number is a string, which NetworkPolicy (unlike a Service's targetPort)
+        // reads as a port *name* that no container can have: refuse it, as the API server does,
+        // instead of storing a rule that silently matches nothing.
+        Some(IntOrString::String(name)) if name.parse::<i64>().is_ok() => {
+            return fail(
+                format!("{field}.port"),
+                format!("{name:?} is a quoted number: write the port number without quotes"),
+            );
+        }
+        Some(port) => check_int_or_name_port(&format!("{field}.port"), port)?,
+        None => {}
     }
     if let Some(end) = p.end_port {
         let Some(IntOrString::Int(start)) = p.port else {

@@ -396,6 +396,78 @@ fn network_policy_rules() {
             "{podSelector: {matchExpressions: [{key: a, operator: Maybe}]}}",
             "unknown operator",
         ),
+        (
+            "{podSelector: {matchExpressions: [{key: a, operator: DoesNotExist, values: [x]}]}}",
+            "spec.podSelector.matchExpressions[0].values: operator DoesNotExist takes no values",
+        ),
+        (
+            "{podSelector: {matchExpressions: [{key: 'a b', operator: Exists}]}}",
+            "spec.podSelector.matchExpressions[0].key: invalid label key",
+        ),
+        (
+            "{ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: NotIn, values: ['-x']}]}}]}]}",
+            "spec.ingress[0].from[0].podSelector.matchExpressions[0].values[0]: invalid label value",
+        ),
+        (
+            "{ingress: [{from: [{namespaceSelector: {matchLabels: {team: 'a b'}}}]}]}",
+            "spec.ingress[0].from[0].namespaceSelector.matchLabels[team]: invalid label value",
+        ),
+        (
+            "{ingress: [{from: [{ipBlock: {cidr: ''}}]}]}",
+            "spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR",
+        ),
+        (
+            "{ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}}]}]}",
+            "spec.ingress[0].from[0].ipBlock.except[0]: 10.0.0.0/8 must be strictly within",
+        ),
+        (
+            "{ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: ['fd00::/64']}}]}]}",
+            "spec.ingress[0].from[0].ipBlock.except[0]: fd00::/64 must be strictly within",
+        ),
+        (
+            "{ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0]}}]}]}",
+            "spec.ingress[0].from[0].ipBlock.except[0]: invalid CIDR",
+        ),
+        (
+            "{ingress: [{ports: [{port: 0}]}]}",
+            "spec.ingress[0].ports[0].port: must be between 1 and 65535",
+        ),
+        (
+            "{egress: [{ports: [{port: 65536}]}]}",
+            "spec.egress[0].ports[0].port: must be between 1 and 65535",
+        ),
+        (
+            "{ingress: [{ports: [{port: '80'}]}]}",
+            "spec.ingress[0].ports[0].port: \"80\" is a quoted number",
+        ),
+        (
+            "{ingress: [{ports: [{port: Serve_80}]}]}",
+            "spec.ingress[0].ports[0].port: invalid port name",
+        ),
+        (
+            "{ingress: [{ports: [{port: http, endPort: 90}]}]}",
+            "spec.ingress[0].ports[0].endPort: may only be set together with a numeric port",
+        ),
+        (
+            "{ingress: [{ports: [{endPort: 90}]}]}",
+            "spec.ingress[0].ports[0].endPort: may only be set together with a numeric port",
+        ),
+        (
+            "{ingress: [{ports: [{port: 80, endPort: 65536}]}]}",
+            "spec.ingress[0].ports[0].endPort: must be between port (80) and 65535",
+        ),
+        (
+            "{egress: [{ports: [{port: 53, protocol: ICMP}]}]}",
+            "spec.egress[0].ports[0].protocol: unsupported protocol \"ICMP\"",
+        ),
+        (
+            "{egress: [{ports: [{port: 53, protocol: udp}]}]}",
+            "spec.egress[0].ports[0].protocol: unsupported protocol \"udp\"",
+        ),
+        (
+            "{policyTypes: [Ingress, Ingress]}",
+            "spec.policyTypes[1]: duplicate policy type",
+        ),
     ];
     for (spec, want) in cases {
         let e = err(&np(spec));
@@ -403,6 +475,13 @@ fn network_policy_rules() {
     }
     let e = err("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: n}\n");
     assert!(e.ends_with("spec: required"), "{e}");
+    // What upstream accepts stays accepted: SCTP, named ports, ranges, IPv6 blocks, host bits.
+    parse_documents(&np(
+        "{ingress: [{from: [{ipBlock: {cidr: 10.0.0.1/8, except: [10.1.0.0/16]}}, \
+         {ipBlock: {cidr: 'fd00::/48', except: ['fd00::/64']}}], \
+         ports: [{port: 80, endPort: 80}, {port: serve-80-tcp}, {protocol: SCTP, port: 5000}]}]}",
+    ))
+    .unwrap();
 }
 
 #[test]
