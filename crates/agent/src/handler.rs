@@ -80,6 +80,9 @@ pub struct VnetState {
     /// The pod subnet had no address left for this node's last request.
     pub exhausted: bool,
     pub message: String,
+    /// Addresses come in aligned batches of this prefix length and only whole batches can be
+    /// given back (Kubernetes mode); None: any address can be (the lab cloud).
+    pub batch_prefix_length: Option<u8>,
 }
 
 /// The node's mutable state; the server keeps it behind one mutex.
@@ -148,11 +151,20 @@ impl<D: Dataplane> NodeState<D> {
         let target = scaler.target(pool.used(), held);
         if target < held {
             let n = (held - target) as usize;
-            let released = self.store.update(|p| Ok(p.mark_releasing(n)))?;
-            tracing::info!(
-                count = released.len(),
-                "releasing surplus addresses to the cloud"
-            );
+            let batches = self.vnet.as_ref().and_then(|v| v.batch_prefix_length);
+            let released = self.store.update(|p| {
+                Ok(match batches {
+                    Some(len) => p.mark_releasing_batches(n, len),
+                    None => p.mark_releasing(n),
+                })
+            })?;
+            // With whole batches there may be nothing to give back yet (pods in every batch).
+            if !released.is_empty() {
+                tracing::info!(
+                    count = released.len(),
+                    "releasing surplus addresses to the cloud"
+                );
+            }
         }
         Ok(Some(ferrum_model::NncSpec {
             requested_ip_count: target,

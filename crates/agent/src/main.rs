@@ -47,9 +47,20 @@ fn run(config: &Config) -> anyhow::Result<()> {
             .with_context(|| format!("entering the network namespace {}", netns.display()))?;
     }
     if config.kubeconfig.is_some() || config.in_cluster {
-        let source =
-            ferrum_k8s::KubeSource::connect(config.kubeconfig.as_deref(), &config.node_name)
-                .context("connecting to the Kubernetes API server")?;
+        // VNet mode: the node's addresses are batches of the cluster's FerrumIPPool, passed
+        // to the agent as the same NodeNetworkConfig the lab's cloud writes.
+        let vnet = (config.ipam_mode == ferrum_agent::config::IpamMode::Vnet).then_some(
+            ferrum_k8s::vnet::VnetOptions {
+                pod_subnet: config.cluster_pod_cidr,
+                max_pods: config.max_pods,
+            },
+        );
+        let source = ferrum_k8s::KubeSource::connect_with(
+            config.kubeconfig.as_deref(),
+            &config.node_name,
+            vnet,
+        )
+        .context("connecting to the Kubernetes API server")?;
         let agent = ferrum_agent::start(config, Box::new(source))?;
         return agent.wait();
     }

@@ -148,6 +148,7 @@ pub fn realize_vnet<D: Dataplane>(
             });
             vnet.exhausted = status.subnet_exhausted;
             vnet.message = status.message.clone();
+            vnet.batch_prefix_length = status.batch_prefix_length;
             state.block_confirmed = true;
             state.not_ready_reason = None;
         }
@@ -527,6 +528,70 @@ mod tests {
 
     fn upsert(o: Object) -> WatchEvent {
         WatchEvent::Upsert { object: o }
+    }
+
+    /// Kubernetes mode hands addresses out in aligned batches (status.batchPrefixLength): the
+    /// same VNet path takes them, and gives surplus back only as whole batches.
+    #[test]
+    fn vnet_batches_are_taken_and_given_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = IpamStore::open(dir.path(), 110).unwrap();
+        store
+            .update(|p| {
+                *p = ferrum_ipam::Pool::with_subnet("10.241.0.0/16".parse().unwrap(), 110);
+                Ok(())
+            })
+            .unwrap();
+        let mut s = NodeState::new(store, MemDataplane::default(), 1500);
+        s.vnet = Some(crate::handler::VnetState::default());
+        let mut nnc = NodeNetworkConfig::new("a", 32);
+        let first = u32::from("10.241.0.16".parse::<Ipv4Addr>().unwrap());
+        nnc.status = Some(ferrum_model::NncStatus {
+            pod_subnet: "10.241.0.0/16".into(),
+            assigned_ips: (first..first + 32).map(Ipv4Addr::from).collect(),
+            scaler: ferrum_model::NncScaler {
+                batch_size: 16,
+                request_threshold_percent: 50,
+                release_threshold_percent: 150,
+                max_ip_count: 112,
+            },
+            batch_prefix_length: Some(28),
+            ..Default::default()
+        });
+        let mut t = NodeTable::default();
+        t.apply(upsert(Object::NodeNetworkConfig(nnc)));
+        t.apply(WatchEvent::Synced { revision: 1 });
+        realize_vnet(&mut s, &id(), &t).unwrap();
+        assert!(s.ready());
+        assert_eq!(s.store.pool().free(), 32);
+        // One pod left, holding .32 (the first of the upper batch).
+        let key = |i: u32| ferrum_agent_api::AttachmentKey {
+            container_id: format!("c{i}"),
+            ifname: "eth0".into(),
+        };
+        let owner = || crate::handler::Attachment {
+            pod: None,
+            netns: "/proc/1/ns/net".into(),
+            network: "ferrum".into(),
+            endpoint: None,
+        };
+        for i in 0..17 {
+            s.store.allocate(key(i), owner()).unwrap();
+        }
+        for i in 0..16 {
+            s.store.release(&key(i)).unwrap();
+        }
+        assert_eq!(
+            s.store.pool().get(&key(16)).unwrap().ip,
+            "10.241.0.32".parse::<Ipv4Addr>().unwrap()
+        );
+        // 31 free: above 150% of a batch, so a batch goes back: the lower one, whole (freeing
+        // the 16 highest addresses instead would split both batches and free neither).
+        let request = s.vnet_request().unwrap().unwrap();
+        assert_eq!(request.requested_ip_count, 16);
+        let batch: Ipv4Net = "10.241.0.16/28".parse().unwrap();
+        assert_eq!(request.ips_not_in_use.len(), 16);
+        assert!(request.ips_not_in_use.iter().all(|ip| batch.contains(ip)));
     }
 
     #[test]

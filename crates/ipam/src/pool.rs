@@ -161,6 +161,34 @@ impl<K: Ord + Clone, V> Pool<K, V> {
         picked
     }
 
+    /// VNet mode with addresses assigned in aligned CIDR batches of `prefix_len` (Kubernetes
+    /// mode: the cluster pool hands out whole batches and takes back only whole batches):
+    /// marks the addresses of whole batches as being released, highest batch first, taking a
+    /// batch only when none of its addresses is held or already releasing and it fits in the
+    /// `n` addresses to give back. Returns them.
+    pub fn mark_releasing_batches(&mut self, n: usize, prefix_len: u8) -> Vec<Ipv4Addr> {
+        let Some(addresses) = &self.addresses else {
+            return Vec::new();
+        };
+        let mut batches: BTreeMap<Ipv4Net, Vec<Ipv4Addr>> = BTreeMap::new();
+        for ip in addresses {
+            if let Ok(net) = Ipv4Net::new(*ip, prefix_len.min(32)) {
+                batches.entry(net.trunc()).or_default().push(*ip);
+            }
+        }
+        let mut picked = Vec::new();
+        for ips in batches.values().rev() {
+            let whole = ips
+                .iter()
+                .all(|ip| !self.holders.contains_key(ip) && !self.releasing.contains(ip));
+            if whole && picked.len() + ips.len() <= n {
+                picked.extend(ips.iter().copied());
+            }
+        }
+        self.releasing.extend(picked.iter().copied());
+        picked
+    }
+
     /// VNet mode: assigned addresses not being released, whatever the max-pods limit.
     pub fn capacity_unbounded(&self) -> u32 {
         u32::try_from(self.available()).unwrap_or(u32::MAX)
@@ -509,6 +537,43 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn batches_are_released_whole_and_only_when_unused() {
+        // Three /28 batches of 10.241.0.0/24 (the first without the pool's network address).
+        let mut p: Pool<u32, ()> = Pool::with_subnet(net("10.241.0.0/24"), 100);
+        let assigned: BTreeSet<Ipv4Addr> = (1..48u32)
+            .map(|i| Ipv4Addr::from(u32::from(ip("10.241.0.0")) + i))
+            .collect();
+        p.set_addresses(assigned).unwrap();
+        // A pod in the top batch keeps it; the middle one can go, the edge one (15) too.
+        let mut k = 10;
+        let top = loop {
+            let (a, _) = p.allocate(k, ()).unwrap();
+            if u32::from(a) >= u32::from(ip("10.241.0.32")) {
+                break a;
+            }
+            k += 1;
+        };
+        for key in 10..k {
+            p.release(&key);
+        }
+        let got = p.mark_releasing_batches(16, 28);
+        assert_eq!(got.len(), 16, "{got:?}");
+        assert!(
+            got.iter().all(|a| net("10.241.0.16/28").contains(a)),
+            "{got:?}"
+        );
+        assert!(!got.contains(&top));
+        // Less than a whole batch to give back: nothing.
+        assert!(p.mark_releasing_batches(14, 28).is_empty());
+        // The edge batch has 15 addresses: it fits in 15.
+        let edge = p.mark_releasing_batches(15, 28);
+        assert_eq!(edge.len(), 15);
+        assert!(edge.iter().all(|a| net("10.241.0.0/28").contains(a)));
+        // Releasing addresses are never handed out again.
+        assert_eq!(p.capacity_unbounded(), 16);
     }
 
     #[test]

@@ -28,11 +28,18 @@ pub const POOL_NAME: &str = "default";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FerrumNodeSpec {
-    /// VNet mode: the pod address batches (CIDRs) this node owns, in allocation order. A copy
-    /// of the node's entry in the FerrumIPPool, which is the authority.
+    /// VNet mode: the pod address batches (CIDRs) allocated to this node, in allocation order.
+    /// Written by the node's agent after each claim or release; a copy of the node's entry in
+    /// the FerrumIPPool, which is the authority.
     #[serde(default, rename = "podCIDRs")]
     #[schemars(rename = "podCIDRs")]
     pub pod_cidrs: Vec<String>,
+    /// VNet mode: how many pod addresses the node's agent wants to hold (its batch scaler's
+    /// request, as in the lab's NodeNetworkConfig spec.requestedIPCount). Batches are claimed
+    /// until the node holds this many batches' worth; 0 before the agent first asked.
+    #[serde(default, rename = "requestedIPCount")]
+    #[schemars(rename = "requestedIPCount")]
+    pub requested_ip_count: u32,
 }
 
 /// What the node's agent reports.
@@ -51,7 +58,7 @@ pub struct FerrumNodeStatus {
 /// The cluster's VNet pod subnet and which node owns which batch of it. One object, named
 /// `default`; agents claim batches by replacing it with the resourceVersion they read, so two
 /// agents can never take the same batch (the loser gets 409 Conflict, re-reads and retries).
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "ferrum.dev",
     version = "v1alpha1",
@@ -70,6 +77,32 @@ pub struct FerrumIPPoolSpec {
     /// Node name -> the batches it owns.
     #[serde(default)]
     pub allocations: BTreeMap<String, Vec<String>>,
+    /// A node asks for another batch when fewer than this percentage of a batch is free.
+    #[serde(default = "default_request_threshold")]
+    pub request_threshold_percent: u32,
+    /// A node gives a whole free batch back when more than this percentage of a batch is free.
+    #[serde(default = "default_release_threshold")]
+    pub release_threshold_percent: u32,
+}
+
+impl Default for FerrumIPPoolSpec {
+    fn default() -> Self {
+        Self {
+            cidr: String::new(),
+            batch_prefix_length: 28,
+            allocations: BTreeMap::new(),
+            request_threshold_percent: default_request_threshold(),
+            release_threshold_percent: default_release_threshold(),
+        }
+    }
+}
+
+fn default_request_threshold() -> u32 {
+    50
+}
+
+fn default_release_threshold() -> u32 {
+    150
 }
 
 /// The CRDs as one multi-document YAML, exactly as checked in at deploy/crds.yaml.
@@ -104,9 +137,26 @@ mod tests {
         let spec: FerrumNodeSpec =
             serde_json::from_value(serde_json::json!({"podCIDRs": ["10.241.0.0/28"]})).unwrap();
         assert_eq!(spec.pod_cidrs, vec!["10.241.0.0/28"]);
+        assert_eq!(spec.requested_ip_count, 0, "absent before the agent asked");
+        let spec = FerrumNodeSpec {
+            requested_ip_count: 32,
+            ..spec
+        };
         assert_eq!(
             serde_json::to_value(&spec).unwrap(),
-            serde_json::json!({"podCIDRs": ["10.241.0.0/28"]})
+            serde_json::json!({"podCIDRs": ["10.241.0.0/28"], "requestedIPCount": 32})
+        );
+        // The pool's thresholds default to the documented 50% / 150%.
+        let pool: FerrumIPPoolSpec = serde_json::from_value(
+            serde_json::json!({"cidr": "10.241.0.0/16", "batchPrefixLength": 28}),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                pool.request_threshold_percent,
+                pool.release_threshold_percent
+            ),
+            (50, 150)
         );
     }
 }

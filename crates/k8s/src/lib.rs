@@ -7,5 +7,6 @@ pub mod kubeproxy;
 pub mod merge;
 pub mod pool;
 pub mod source;
+pub mod vnet;
 
 pub use source::{ConnectError, KubeSource};

@@ -3,14 +3,18 @@
 //! for every kind the model knows run on a small tokio runtime in their own thread; the
 //! [`Merger`] turns them into the model's event stream. Objects that fail validation become a
 //! Kubernetes Event on the object and a log line; the agent's reports land in the node's
-//! FerrumNode status.
+//! FerrumNode status. In VNet mode it also watches the FerrumIPPool and the FerrumNodes and
+//! passes them on as the NodeNetworkConfigs the agent consumes ([`crate::vnet`]), and its
+//! [`IpRequester`] claims and releases batches in the pool.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use ferrum_model::{AgentReport, Kind, Object, Source, SourceError, WatchEvent};
+use ferrum_model::{
+    AgentReport, IpRequester, Kind, NncSpec, Object, Source, SourceError, WatchEvent,
+};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, Pod, Service};
@@ -22,8 +26,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 
-use crate::crd::{FerrumNode, FerrumNodeSpec};
+use crate::crd::{FerrumIPPool, FerrumNode, FerrumNodeSpec};
 use crate::merge::{Merger, Rejected, event_reporter};
+use crate::vnet::{VnetOptions, VnetView};
 
 /// Name the agent reports Events and field managers under.
 pub const CONTROLLER: &str = "ferrum-agent";
@@ -147,12 +152,44 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("events.k8s.io", "events", "create"),
     ("events.k8s.io", "events", "patch"),
     ("ferrum.dev", "ferrumnodes", "get"),
+    ("ferrum.dev", "ferrumnodes", "list"),
+    ("ferrum.dev", "ferrumnodes", "watch"),
     ("ferrum.dev", "ferrumnodes", "create"),
     ("ferrum.dev", "ferrumnodes", "update"),
     ("ferrum.dev", "ferrumnodes/status", "patch"),
     ("ferrum.dev", "ferrumippools", "get"),
+    ("ferrum.dev", "ferrumippools", "list"),
+    ("ferrum.dev", "ferrumippools", "watch"),
     ("ferrum.dev", "ferrumippools", "update"),
 ];
+
+/// VNet mode: a change of the pool or of a FerrumNode.
+enum CrdEvent {
+    Pool(Result<watcher::Event<FerrumIPPool>, watcher::Error>),
+    Node(Result<watcher::Event<FerrumNode>, watcher::Error>),
+}
+
+/// VNet mode's watches of Ferrum's own resources (never ending when VNet mode is off).
+fn crd_streams(client: &Client, vnet: bool) -> BoxStream<'static, CrdEvent> {
+    if !vnet {
+        return futures::stream::pending().boxed();
+    }
+    futures::stream::select(
+        watcher(
+            Api::<FerrumIPPool>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .map(CrdEvent::Pool),
+        watcher(
+            Api::<FerrumNode>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .map(CrdEvent::Node),
+    )
+    .boxed()
+}
 
 fn all_streams(client: &Client) -> SelectAll<KindStream> {
     futures::stream::select_all([
@@ -188,23 +225,40 @@ struct Pump {
     /// (object, resourceVersion) already reported, so relists don't repeat Events.
     reported: HashSet<(String, String)>,
     last_status: Option<(AgentReport, Instant)>,
+    /// VNet mode: the pool and FerrumNodes as NodeNetworkConfigs.
+    vnet: Option<VnetView>,
 }
 
 impl Pump {
     async fn run(
         mut self,
         mut streams: SelectAll<KindStream>,
+        mut crds: BoxStream<'static, CrdEvent>,
         mut reports: tokio::sync::mpsc::UnboundedReceiver<AgentReport>,
     ) {
-        // NodeNetworkConfig is the lab cloud's VNet object; in Kubernetes VNet batches are
-        // FerrumNode claims, so it is not watched here and must not hold up the first Synced.
+        // NodeNetworkConfig is not a Kubernetes resource: in VNet mode it is made from the
+        // FerrumIPPool and FerrumNodes (and holds up the first Synced until both are listed);
+        // in overlay mode there is none.
+        let vnet = self.vnet.is_some();
         let mut merger = Merger::new(
             Kind::ALL
                 .into_iter()
-                .filter(|k| *k != Kind::NodeNetworkConfig),
+                .filter(|k| vnet || *k != Kind::NodeNetworkConfig),
         );
         loop {
             tokio::select! {
+                Some(event) = crds.next() => {
+                    for e in self.on_crd(event, &mut merger).await {
+                        if self.events.send(e).is_err() {
+                            return;
+                        }
+                    }
+                    if let Some(synced) = merger.flush()
+                        && self.events.send(synced).is_err()
+                    {
+                        return;
+                    }
+                }
                 next = streams.next() => {
                     let Some(first) = next else { return };
                     let mut batch = vec![first];
@@ -242,6 +296,49 @@ impl Pump {
                 Some(report) = reports.recv() => self.write_status(report).await,
             }
         }
+    }
+
+    /// VNet mode: applies a pool or FerrumNode change; when the NodeNetworkConfigs it amounts
+    /// to changed, hands them to the merger as a complete listing (exact upserts and deletes).
+    /// A pool change that frees a batch this node is still short of claims it.
+    async fn on_crd(&mut self, event: CrdEvent, merger: &mut Merger) -> Vec<WatchEvent> {
+        let Some(view) = self.vnet.as_mut() else {
+            return Vec::new();
+        };
+        let pool_changed = matches!(event, CrdEvent::Pool(Ok(_)));
+        match event {
+            CrdEvent::Pool(Ok(e)) => view.apply_pool(e),
+            CrdEvent::Node(Ok(e)) => view.apply_node(e),
+            CrdEvent::Pool(Err(e)) | CrdEvent::Node(Err(e)) => {
+                tracing::warn!(
+                    "Kubernetes watch of Ferrum's resources failed: {e}; retrying with backoff"
+                );
+                return Vec::new();
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(nncs) = view.changed() {
+            let kind = Kind::NodeNetworkConfig;
+            merger.apply(kind, watcher::Event::Init);
+            for n in nncs {
+                merger.apply(
+                    kind,
+                    watcher::Event::InitApply(Object::NodeNetworkConfig(n)),
+                );
+            }
+            out = merger.apply(kind, watcher::Event::InitDone).events;
+        }
+        if pool_changed && view.shortfall() {
+            let pools: Api<FerrumIPPool> = Api::all(self.client.clone());
+            let nodes: Api<FerrumNode> = Api::all(self.client.clone());
+            match crate::pool::top_up(&pools, &nodes, &self.node).await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(node = %self.node, "claiming batches freed in the pool failed: {}", chain(&e))
+                }
+            }
+        }
+        out
     }
 
     /// Logs a rejected object; the agent chosen by [`event_reporter`] also records an Event.
@@ -336,17 +433,29 @@ pub type ClientFactory = Arc<dyn Fn() -> Result<Client, ConnectError> + Send + S
 pub struct KubeSource {
     factory: ClientFactory,
     node: String,
+    vnet: Option<VnetOptions>,
     events: mpsc::Receiver<WatchEvent>,
     reports: tokio::sync::mpsc::UnboundedSender<AgentReport>,
 }
 
 impl KubeSource {
-    /// Starts watching, with a client from `factory`, for the agent of `node`.
+    /// Starts watching, with a client from `factory`, for the agent of `node` (overlay mode).
     pub fn start(factory: ClientFactory, node: &str) -> Result<Self, ConnectError> {
-        let (events, reports) = spawn_pump(factory.clone(), node)?;
+        Self::start_with(factory, node, None)
+    }
+
+    /// Starts watching; with `vnet`, also the FerrumIPPool and FerrumNodes (VNet mode: the
+    /// node's addresses come as batches of the pool).
+    pub fn start_with(
+        factory: ClientFactory,
+        node: &str,
+        vnet: Option<VnetOptions>,
+    ) -> Result<Self, ConnectError> {
+        let (events, reports) = spawn_pump(factory.clone(), node, vnet)?;
         Ok(Self {
             factory,
             node: node.to_string(),
+            vnet,
             events,
             reports,
         })
@@ -367,14 +476,24 @@ impl KubeSource {
     /// Reads a kubeconfig (or the in-cluster config) and starts watching. A bad kubeconfig
     /// fails here, before the agent touches the node.
     pub fn connect(kubeconfig: Option<&Path>, node: &str) -> Result<Self, ConnectError> {
+        Self::connect_with(kubeconfig, node, None)
+    }
+
+    /// [`KubeSource::connect`], in VNet mode when `vnet` is given.
+    pub fn connect_with(
+        kubeconfig: Option<&Path>,
+        node: &str,
+        vnet: Option<VnetOptions>,
+    ) -> Result<Self, ConnectError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(ConnectError::Runtime)?;
         let config = rt.block_on(config_from(kubeconfig))?;
-        Self::start(
+        Self::start_with(
             Arc::new(move || Client::try_from(config.clone()).map_err(ConnectError::Client)),
             node,
+            vnet,
         )
     }
 }
@@ -384,7 +503,11 @@ type Channels = (
     tokio::sync::mpsc::UnboundedSender<AgentReport>,
 );
 
-fn spawn_pump(factory: ClientFactory, node: &str) -> Result<Channels, ConnectError> {
+fn spawn_pump(
+    factory: ClientFactory,
+    node: &str,
+    vnet: Option<VnetOptions>,
+) -> Result<Channels, ConnectError> {
     let (tx, rx) = mpsc::channel();
     let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel();
     let node = node.to_string();
@@ -417,15 +540,17 @@ fn spawn_pump(factory: ClientFactory, node: &str) -> Result<Channels, ConnectErr
                     },
                 );
                 let streams = all_streams(&client);
+                let crds = crd_streams(&client, vnet.is_some());
                 let pump = Pump {
                     client,
+                    vnet: vnet.map(|o| VnetView::new(&node, o)),
                     node,
                     events: tx,
                     recorder,
                     reported: HashSet::new(),
                     last_status: None,
                 };
-                pump.run(streams, report_rx).await;
+                pump.run(streams, crds, report_rx).await;
             });
         })
         .map_err(ConnectError::Runtime)?;
@@ -441,7 +566,7 @@ impl Source for KubeSource {
                 // listing, which the consumer treats as the complete state.
                 tracing::error!("the Kubernetes watch thread ended; restarting it in 1s");
                 std::thread::sleep(Duration::from_secs(1));
-                let (events, reports) = spawn_pump(self.factory.clone(), &self.node)
+                let (events, reports) = spawn_pump(self.factory.clone(), &self.node, self.vnet)
                     .map_err(|e| SourceError::Disconnected(chain(&e)))?;
                 self.events = events;
                 self.reports = reports;
@@ -454,5 +579,64 @@ impl Source for KubeSource {
         self.reports
             .send(report.clone())
             .map_err(|_| SourceError::Disconnected("the Kubernetes watch thread ended".into()))
+    }
+
+    fn ip_requester(&self) -> Option<Box<dyn IpRequester>> {
+        self.vnet.map(|_| {
+            Box::new(KubeRequester {
+                factory: self.factory.clone(),
+                client: None,
+            }) as Box<dyn IpRequester>
+        })
+    }
+}
+
+/// VNet mode: the agent's address requests (the lab's NodeNetworkConfig spec) served against
+/// the cluster's FerrumIPPool ([`crate::pool::request_batches`]). Blocking: it runs the
+/// calls on its own small runtime, from the agent's scaler thread.
+pub struct KubeRequester {
+    factory: ClientFactory,
+    client: Option<(tokio::runtime::Runtime, Client)>,
+}
+
+impl KubeRequester {
+    fn client(&mut self) -> Result<&(tokio::runtime::Runtime, Client), ConnectError> {
+        if self.client.is_none() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ConnectError::Runtime)?;
+            // The client's request buffer is a task of the runtime it is made in.
+            let client = {
+                let _guard = rt.enter();
+                (self.factory)()?
+            };
+            self.client = Some((rt, client));
+        }
+        Ok(self.client.as_ref().expect("set above"))
+    }
+}
+
+impl IpRequester for KubeRequester {
+    fn request_ips(&mut self, node: &str, spec: &NncSpec) -> Result<(), SourceError> {
+        let (rt, client) = self
+            .client()
+            .map_err(|e| SourceError::Disconnected(chain(&e)))?;
+        let pools: Api<FerrumIPPool> = Api::all(client.clone());
+        let nodes: Api<FerrumNode> = Api::all(client.clone());
+        let releasing = spec.ips_not_in_use.iter().copied().collect();
+        let plan = rt
+            .block_on(crate::pool::request_batches(
+                &pools,
+                &nodes,
+                node,
+                spec.requested_ip_count,
+                &releasing,
+            ))
+            .map_err(|e| SourceError::Protocol(chain(&e)))?;
+        if !plan.released.is_empty() {
+            tracing::info!(node, released = ?plan.released, "gave VNet batches back to the pool");
+        }
+        Ok(())
     }
 }

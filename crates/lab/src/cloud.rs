@@ -208,6 +208,8 @@ impl Cloud {
                 scaler: self.scaler,
                 subnet_exhausted: f.exhausted,
                 message,
+                // The lab cloud takes back single addresses.
+                batch_prefix_length: None,
             };
             if nnc.status.as_ref() != Some(&status) {
                 if !f.added.is_empty() || !f.removed.is_empty() {

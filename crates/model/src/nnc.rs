@@ -65,6 +65,11 @@ pub struct NncStatus {
     pub subnet_exhausted: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Set when addresses come and go in aligned CIDR batches of this prefix length
+    /// (Kubernetes mode, from the FerrumIPPool): the node gives back only whole batches.
+    /// Absent: any address can be given back (the lab cloud).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_prefix_length: Option<u8>,
 }
 
 impl NodeNetworkConfig {
@@ -111,6 +116,7 @@ mod tests {
             },
             subnet_exhausted: false,
             message: String::new(),
+            batch_prefix_length: None,
         });
         let v = serde_json::to_value(&n).unwrap();
         assert_eq!(v["apiVersion"], NNC_API_VERSION);

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kube::client::Body;
@@ -20,6 +21,9 @@ pub enum Reply {
     Echo(u16),
     /// Never answer (a watch that stays open).
     Hang,
+    /// A watch response sent only once the flag is set (a change at a moment the test picks);
+    /// then the stream ends (the client watches again from the last resourceVersion).
+    WatchWhen(Arc<AtomicBool>, Vec<serde_json::Value>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +117,17 @@ impl MockApi {
                     }
                     Reply::Echo(code) => (code, bytes.to_vec()),
                     Reply::Hang => futures::future::pending().await,
+                    Reply::WatchWhen(flag, events) => {
+                        while !flag.load(Ordering::SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        let mut out = Vec::new();
+                        for e in events {
+                            out.extend(serde_json::to_vec(&e).unwrap());
+                            out.push(b'\n');
+                        }
+                        (200, out)
+                    }
                 };
                 Ok::<_, Infallible>(
                     http::Response::builder()

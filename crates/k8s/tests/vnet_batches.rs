@@ -1,0 +1,383 @@
+//! VNet mode in Kubernetes through the real kube client against a scripted API server: the
+//! agent learns its batches from the FerrumIPPool and its FerrumNode (as the NodeNetworkConfig
+//! the lab's cloud writes), and its requests claim more batches (a 409 Conflict is retried
+//! with a fresh resourceVersion) and release whole ones. The agent's side is played by the
+//! same IPAM pool and batch scaler the agent runs (ferrum_ipam), fed by what the source emits.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ferrum_ipam::{Pool, Scaler};
+use ferrum_k8s::KubeSource;
+use ferrum_k8s::vnet::VnetOptions;
+use ferrum_model::{NncSpec, NodeNetworkConfig, Object, Source, WatchEvent};
+use support::{MockApi, Reply, list, status};
+
+const POOLS: &str = "/apis/ferrum.dev/v1alpha1/ferrumippools";
+const POOL: &str = "/apis/ferrum.dev/v1alpha1/ferrumippools/default";
+const NODES: &str = "/apis/ferrum.dev/v1alpha1/ferrumnodes";
+const NODE_A: &str = "/apis/ferrum.dev/v1alpha1/ferrumnodes/a";
+
+/// The pool 10.241.0.0/26: four /28 batches (.0 and .48 have 15 usable addresses).
+fn pool(rv: &str, allocations: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "ferrum.dev/v1alpha1", "kind": "FerrumIPPool",
+        "metadata": {"name": "default", "resourceVersion": rv},
+        "spec": {"cidr": "10.241.0.0/26", "batchPrefixLength": 28, "allocations": allocations}
+    })
+}
+
+fn fnode(rv: &str, requested: u32, cidrs: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "ferrum.dev/v1alpha1", "kind": "FerrumNode",
+        "metadata": {"name": "a", "resourceVersion": rv},
+        "spec": {"podCIDRs": cidrs, "requestedIPCount": requested},
+        "status": {"ready": true, "realizedRevision": 4}
+    })
+}
+
+/// Reads events until this node's NodeNetworkConfig comes with a status for which `done`
+/// holds, and the Synced closing its batch.
+fn next_own_nnc(
+    src: &mut KubeSource,
+    done: impl Fn(&NodeNetworkConfig) -> bool,
+) -> NodeNetworkConfig {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut found: Option<NodeNetworkConfig> = None;
+    loop {
+        assert!(Instant::now() < deadline, "timed out; last: {found:?}");
+        match src.next_event_timeout(Duration::from_millis(200)).unwrap() {
+            Some(WatchEvent::Upsert {
+                object: Object::NodeNetworkConfig(n),
+            }) if n.node() == "a" && done(&n) => found = Some(n),
+            Some(WatchEvent::Synced { .. }) if found.is_some() => return found.unwrap(),
+            _ => {}
+        }
+    }
+}
+
+fn puts(api: &MockApi, path: &str) -> Vec<serde_json::Value> {
+    api.seen()
+        .into_iter()
+        .filter(|s| s.method == "PUT" && s.path == path)
+        .map(|s| serde_json::from_str(&s.body).unwrap())
+        .collect()
+}
+
+/// The agent's VNet step (crates/agent handler.rs vnet_request): the scaler's target from
+/// the pool's use, surplus marked as releasing in whole batches, the request to send.
+fn agent_request(pool: &mut Pool<u32, ()>, scaler: Scaler, batch_len: u8) -> NncSpec {
+    let held = pool.capacity_unbounded();
+    let target = scaler.target(pool.used(), held);
+    if target < held {
+        pool.mark_releasing_batches((held - target) as usize, batch_len);
+    }
+    NncSpec {
+        requested_ip_count: target,
+        ips_not_in_use: pool.releasing().iter().copied().collect(),
+    }
+}
+
+fn take_status(pool: &mut Pool<u32, ()>, nnc: &NodeNetworkConfig) -> Scaler {
+    let status = nnc.status.as_ref().unwrap();
+    pool.set_addresses(status.assigned_ips.iter().copied().collect())
+        .unwrap();
+    let s = status.scaler;
+    Scaler {
+        batch_size: s.batch_size,
+        request_threshold_percent: s.request_threshold_percent,
+        release_threshold_percent: s.release_threshold_percent,
+        max_ip_count: s.max_ip_count,
+    }
+}
+
+#[test]
+fn the_agent_takes_claims_and_releases_batches_through_the_api_server() {
+    let api = MockApi::default();
+    let grown = Arc::new(AtomicBool::new(false));
+    // The listing: a owns .16/28 and asked for 16; b owns .0 and .32.
+    api.on(
+        "GET",
+        POOLS,
+        false,
+        Reply::Json(
+            200,
+            list(
+                &[pool(
+                    "10",
+                    serde_json::json!({"a": ["10.241.0.16/28"], "b": ["10.241.0.0/28", "10.241.0.32/28"]}),
+                )],
+                "10",
+            ),
+        ),
+    )
+    .on(
+        "GET",
+        NODES,
+        false,
+        Reply::Json(200, list(&[fnode("3", 16, &["10.241.0.16/28"])], "3")),
+    );
+    // Growing: the FerrumNode's request is recorded first (a status write races it: 409,
+    // re-read, retry), then the pool: our write with resourceVersion 10 loses to b giving
+    // back .32 and c taking .48 (409); re-read at 11, a takes .32.
+    api.on("GET", NODE_A, false, Reply::Json(200, fnode("3", 16, &["10.241.0.16/28"])))
+        .on("PUT", NODE_A, false, Reply::Json(409, status(409, "Conflict", "the object has been modified")))
+        .on("GET", NODE_A, false, Reply::Json(200, fnode("4", 16, &["10.241.0.16/28"])))
+        .on("PUT", NODE_A, false, Reply::Echo(200))
+        .on("GET", POOL, false, Reply::Json(200, pool("10", serde_json::json!({"a": ["10.241.0.16/28"], "b": ["10.241.0.0/28", "10.241.0.32/28"]}))))
+        .on("PUT", POOL, false, Reply::Json(409, status(409, "Conflict", "the object has been modified")))
+        .on("GET", POOL, false, Reply::Json(200, pool("11", serde_json::json!({"a": ["10.241.0.16/28"], "b": ["10.241.0.0/28"], "c": ["10.241.0.48/28"]}))))
+        .on("PUT", POOL, false, Reply::Echo(200))
+        .on("GET", NODE_A, false, Reply::Json(200, fnode("5", 32, &["10.241.0.16/28"])))
+        .on("PUT", NODE_A, false, Reply::Echo(200));
+    // The pool as the watch then shows it.
+    let grown_pool = pool(
+        "12",
+        serde_json::json!({"a": ["10.241.0.16/28", "10.241.0.32/28"], "b": ["10.241.0.0/28"], "c": ["10.241.0.48/28"]}),
+    );
+    api.on(
+        "GET",
+        POOLS,
+        true,
+        Reply::WatchWhen(
+            grown.clone(),
+            vec![serde_json::json!({"type": "MODIFIED", "object": grown_pool.clone()})],
+        ),
+    );
+    // Shrinking: the request (16) recorded, the pool without .32, the FerrumNode mirrors it.
+    api.on(
+        "GET",
+        NODE_A,
+        false,
+        Reply::Json(200, fnode("6", 32, &["10.241.0.16/28", "10.241.0.32/28"])),
+    )
+    .on("PUT", NODE_A, false, Reply::Echo(200))
+    .on("GET", POOL, false, Reply::Json(200, grown_pool))
+    .on("PUT", POOL, false, Reply::Echo(200))
+    .on(
+        "GET",
+        NODE_A,
+        false,
+        Reply::Json(200, fnode("7", 16, &["10.241.0.16/28", "10.241.0.32/28"])),
+    )
+    .on("PUT", NODE_A, false, Reply::Echo(200));
+
+    let mock = api.clone();
+    let options = VnetOptions {
+        pod_subnet: "10.241.0.0/16".parse().unwrap(),
+        max_pods: 110,
+    };
+    let mut src =
+        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    let mut requester = src
+        .ip_requester()
+        .expect("VNet mode takes address requests");
+
+    // 1. Initial batches: the listing becomes a's NodeNetworkConfig with its 16 addresses and
+    //    the pool's batch policy.
+    let nnc = next_own_nnc(&mut src, |n| n.status.is_some());
+    assert_eq!(nnc.spec.requested_ip_count, 16);
+    let mut ipam: Pool<u32, ()> = Pool::with_subnet(options.pod_subnet, 110);
+    let scaler = take_status(&mut ipam, &nnc);
+    assert_eq!(
+        (scaler.batch_size, scaler.min_free(), scaler.max_free()),
+        (16, 8, 24)
+    );
+    assert_eq!(ipam.capacity_unbounded(), 16);
+    assert_eq!(nnc.status.as_ref().unwrap().batch_prefix_length, Some(28));
+    assert_eq!(
+        agent_request(&mut ipam, scaler, 28).requested_ip_count,
+        16,
+        "nothing to ask for yet"
+    );
+
+    // 2. Nine pods: 7 free, under the threshold: the agent asks for 32.
+    for pod in 0..9 {
+        ipam.allocate(pod, ()).unwrap();
+    }
+    let request = agent_request(&mut ipam, scaler, 28);
+    assert_eq!(request.requested_ip_count, 32);
+    requester.request_ips("a", &request).unwrap();
+    let pool_puts = puts(&api, POOL);
+    assert_eq!(pool_puts.len(), 2, "one lost race, one win");
+    assert_eq!(pool_puts[0]["metadata"]["resourceVersion"], "10");
+    assert_eq!(
+        pool_puts[0]["spec"]["allocations"]["a"],
+        serde_json::json!(["10.241.0.16/28", "10.241.0.48/28"])
+    );
+    assert_eq!(
+        pool_puts[1]["metadata"]["resourceVersion"], "11",
+        "fresh resourceVersion"
+    );
+    assert_eq!(
+        pool_puts[1]["spec"]["allocations"]["a"],
+        serde_json::json!(["10.241.0.16/28", "10.241.0.32/28"])
+    );
+    assert_eq!(
+        pool_puts[1]["spec"]["allocations"]["c"][0], "10.241.0.48/28",
+        "c's claim kept"
+    );
+    let node_puts = puts(&api, NODE_A);
+    assert_eq!(
+        node_puts.len(),
+        3,
+        "request (lost to a status write, retried), batches"
+    );
+    assert_eq!(node_puts[1]["metadata"]["resourceVersion"], "4");
+    assert_eq!(node_puts[1]["spec"]["requestedIPCount"], 32);
+    assert_eq!(
+        node_puts[2]["spec"]["podCIDRs"],
+        serde_json::json!(["10.241.0.16/28", "10.241.0.32/28"])
+    );
+
+    // The pool's watch shows the new batch: the agent holds 32 addresses.
+    grown.store(true, Ordering::SeqCst);
+    let nnc = next_own_nnc(&mut src, |n| {
+        n.status
+            .as_ref()
+            .is_some_and(|s| s.assigned_ips.len() == 32)
+    });
+    take_status(&mut ipam, &nnc);
+    assert_eq!(ipam.free(), 23);
+    assert_eq!(agent_request(&mut ipam, scaler, 28).requested_ip_count, 32);
+
+    // 3. The pods go: 32 free, above the release threshold: the agent gives back one whole
+    //    batch (the highest, .32/28) and asks for 16.
+    for pod in 0..9 {
+        ipam.release(&pod);
+    }
+    let request = agent_request(&mut ipam, scaler, 28);
+    assert_eq!(request.requested_ip_count, 16);
+    let released: BTreeSet<Ipv4Addr> = request.ips_not_in_use.iter().copied().collect();
+    assert_eq!(released.len(), 16);
+    assert!(released.iter().all(|ip| {
+        "10.241.0.32/28"
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .contains(ip)
+    }));
+    requester.request_ips("a", &request).unwrap();
+    let pool_puts = puts(&api, POOL);
+    assert_eq!(pool_puts.len(), 3);
+    assert_eq!(pool_puts[2]["metadata"]["resourceVersion"], "12");
+    assert_eq!(
+        pool_puts[2]["spec"]["allocations"]["a"],
+        serde_json::json!(["10.241.0.16/28"])
+    );
+    let node_puts = puts(&api, NODE_A);
+    assert_eq!(node_puts[3]["spec"]["requestedIPCount"], 16);
+    assert_eq!(
+        node_puts[4]["spec"]["podCIDRs"],
+        serde_json::json!(["10.241.0.16/28"])
+    );
+
+    // Every call is one deploy/'s RBAC allows, and the VNet watches were made.
+    support::assert_rbac_allows(&api.seen());
+    let calls: BTreeSet<_> = api.seen().iter().map(support::rbac_call).collect();
+    for (r, v) in [
+        ("ferrumippools", "list"),
+        ("ferrumippools", "watch"),
+        ("ferrumnodes", "list"),
+        ("ferrumnodes", "watch"),
+    ] {
+        assert!(
+            calls.contains(&("ferrum.dev".into(), r.into(), v.into())),
+            "{r} {v} not made: {calls:?}"
+        );
+    }
+}
+
+#[test]
+fn an_exhausted_request_is_met_once_another_node_frees_a_batch() {
+    let api = MockApi::default();
+    let full = serde_json::json!({"a": ["10.241.0.16/28"], "b": ["10.241.0.0/28", "10.241.0.32/28"], "c": ["10.241.0.48/28"]});
+    let freed =
+        serde_json::json!({"a": ["10.241.0.16/28"], "b": ["10.241.0.0/28", "10.241.0.32/28"]});
+    api.on(
+        "GET",
+        POOLS,
+        false,
+        Reply::Json(200, list(&[pool("20", full)], "20")),
+    )
+    .on(
+        "GET",
+        NODES,
+        false,
+        Reply::Json(200, list(&[fnode("3", 32, &["10.241.0.16/28"])], "3")),
+    )
+    // c gives its batch back.
+    .on(
+        "GET",
+        POOLS,
+        true,
+        Reply::Watch(vec![
+            serde_json::json!({"type": "MODIFIED", "object": pool("21", freed.clone())}),
+        ]),
+    )
+    // The source claims it for a's standing request of 32, without the agent asking anew.
+    .on(
+        "GET",
+        NODE_A,
+        false,
+        Reply::Json(200, fnode("3", 32, &["10.241.0.16/28"])),
+    )
+    .on(
+        "GET",
+        NODE_A,
+        false,
+        Reply::Json(200, fnode("3", 32, &["10.241.0.16/28"])),
+    )
+    .on("GET", POOL, false, Reply::Json(200, pool("21", freed)))
+    .on("PUT", POOL, false, Reply::Echo(200))
+    .on(
+        "GET",
+        NODE_A,
+        false,
+        Reply::Json(200, fnode("3", 32, &["10.241.0.16/28"])),
+    )
+    .on("PUT", NODE_A, false, Reply::Echo(200));
+    let mock = api.clone();
+    let options = VnetOptions {
+        pod_subnet: "10.241.0.0/16".parse().unwrap(),
+        max_pods: 110,
+    };
+    let mut src =
+        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    // While the pool is full the node is told so (CNI ADD then fails permanently, not "try
+    // again"), with the pool named.
+    let nnc = next_own_nnc(&mut src, |n| n.status.is_some());
+    let s = nnc.status.unwrap();
+    assert!(s.subnet_exhausted);
+    assert!(
+        s.message.contains("FerrumIPPool default (10.241.0.0/26)"),
+        "{}",
+        s.message
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while puts(&api, NODE_A).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no claim; seen: {:#?}",
+            api.seen()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pool_puts = puts(&api, POOL);
+    assert_eq!(pool_puts.len(), 1);
+    assert_eq!(pool_puts[0]["metadata"]["resourceVersion"], "21");
+    assert_eq!(
+        pool_puts[0]["spec"]["allocations"]["a"],
+        serde_json::json!(["10.241.0.16/28", "10.241.0.48/28"])
+    );
+    assert_eq!(
+        puts(&api, NODE_A)[0]["spec"]["podCIDRs"],
+        serde_json::json!(["10.241.0.16/28", "10.241.0.48/28"])
+    );
+    support::assert_rbac_allows(&api.seen());
+}
