@@ -149,6 +149,28 @@ fn flows_metrics_and_service_map_on_a_live_lab() -> Result<()> {
     assert_eq!(dropped["source"]["pod_name"], "a");
     assert_eq!(dropped["traffic_direction"], "EGRESS");
 
+    // Traffic through a ClusterIP names its Service.
+    lab.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web-b, namespace: default}\n\
+         spec: {selector: {app: b}, ports: [{port: 8080, targetPort: 80}]}\n",
+    )?;
+    let list: Value = serde_json::from_str(&lab.ferrum_ok(&["get", "services", "-o", "json"])?)?;
+    let vip: Ipv4Addr = list["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|s| s["metadata"]["name"] == "web-b"))
+        .and_then(|s| s["spec"]["clusterIP"].as_str())
+        .with_context(|| format!("no clusterIP for web-b in {list}"))?
+        .parse()?;
+    ensure!(
+        connect(&a_ns, vip, 8080)?,
+        "a reaches b through its ClusterIP"
+    );
+    let translated = wait_for_flow(&lab, &["--service", "default/web-b"], |f| {
+        f["source"]["pod_name"] == "a" && f["destination"]["pod_name"] == "b"
+    })?;
+    assert_eq!(translated["destination_service"]["name"], "web-b");
+    assert_eq!(translated["destination_service"]["namespace"], "default");
+
     // 2. Filters select, and bad ones name the flag.
     for (args, pred) in [
         (
