@@ -85,7 +85,7 @@ run ferrum apply -f examples/demo-policy.yaml
 run ferrum policy trace --from demo/client --to demo/web-1 --port 80
 run ferrum exec -n demo client -- nc -w 3 "$web1" 80
 run ferrum policy trace --from demo/client --to demo/web-1 --port 53 --protocol udp || true
-run ferrum exec -n demo client -- sh -c "echo hi | nc -u -w 1 $web1 53; echo '(no answer: dropped)'"
+run ferrum exec -n demo client -- sh -c "echo hi | nc -u -w 1 $web1 53; echo \"(no answer: dropped)\""
 echo "The drop, recorded on web-1's node with the policy that decided it:"
 run ferrum observe --verdict DROPPED --to-pod demo/web-1 --last 1 -o json
 
