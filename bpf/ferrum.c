@@ -111,6 +111,11 @@ struct {
 /* linux/icmp.h drags in libc headers that do not exist for the BPF target. */
 #define ICMP_ECHOREPLY 0
 #define ICMP_ECHO 8
+/* ICMP errors quote the packet they are about (RFC 792): unreachable (incl. fragmentation
+ * needed), time exceeded, parameter problem. */
+#define ICMP_ERR_UNREACH 3
+#define ICMP_ERR_TIME_EXCEEDED 11
+#define ICMP_ERR_PARAMETER 12
 struct icmp_echo_hdr {
 	__u8 type;
 	__u8 code;
@@ -147,6 +152,13 @@ struct flow {
 	__u32 rule_id;
 	__u8 lb_rev; /* lb_rev_nat translated this reply */
 	__u8 reply; /* the policy stage found it to be a reply */
+	/* ICMP errors: the quoted packet's tuple (the connection the error belongs to). */
+	__u8 icmp_quoted;
+	__u8 quoted_proto;
+	__u16 quoted_sport;
+	__u16 quoted_dport;
+	__u32 quoted_saddr;
+	__u32 quoted_daddr;
 };
 
 static __always_inline struct ferrum_config *config(void)
@@ -341,6 +353,26 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		if (bpf_skb_load_bytes(skb, f->l4_off, &icmp, sizeof(icmp)) < 0)
 			return -2;
 		f->icmp_type = icmp.type;
+		if (icmp.type == ICMP_ERR_UNREACH || icmp.type == ICMP_ERR_TIME_EXCEEDED ||
+		    icmp.type == ICMP_ERR_PARAMETER) {
+			struct iphdr quoted;
+			__u16 qports[2] = {};
+			__u32 qoff = f->l4_off + sizeof(icmp);
+			if (bpf_skb_load_bytes(skb, qoff, &quoted, sizeof(quoted)) == 0 &&
+			    quoted.version == 4 && quoted.ihl >= 5) {
+				f->icmp_quoted = 1;
+				f->quoted_proto = quoted.protocol;
+				f->quoted_saddr = quoted.saddr;
+				f->quoted_daddr = quoted.daddr;
+				if ((quoted.protocol == IPPROTO_TCP || quoted.protocol == IPPROTO_UDP ||
+				     quoted.protocol == IPPROTO_SCTP) &&
+				    bpf_skb_load_bytes(skb, qoff + quoted.ihl * 4, qports,
+						       sizeof(qports)) == 0) {
+					f->quoted_sport = qports[0];
+					f->quoted_dport = qports[1];
+				}
+			}
+		}
 		if (icmp.type == ICMP_ECHO || icmp.type == ICMP_ECHOREPLY) {
 			f->has_ports = 1;
 			/* The echo id plays the port on the host that sent the request. */
@@ -624,6 +656,25 @@ static __always_inline int policy_check(struct __sk_buff *skb, const struct ferr
 	int syn = f->proto == IPPROTO_TCP &&
 		  (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 
+	if (f->icmp_quoted) {
+		/* An error about a packet of a tracked connection belongs to that connection. */
+		struct ferrum_nat_key qkey = {};
+		struct flow q = {};
+		struct ferrum_pol_ct *qct;
+		q.saddr = f->quoted_saddr;
+		q.daddr = f->quoted_daddr;
+		q.sport = f->quoted_sport;
+		q.dport = f->quoted_dport;
+		q.proto = f->quoted_proto;
+		pol_ct_key(&q, &qkey);
+		qct = bpf_map_lookup_elem(&ferrum_pol_ct, &qkey);
+		if (qct && !(qct->flags & FERRUM_POL_CT_DENIED) && qct->gen == cfg->policy_gen &&
+		    now - qct->last_ns < pol_ct_lifetime(qct, q.proto)) {
+			f->reply = 1;
+			f->rule_id = qct->rule_id;
+			return POLICY_ALLOW;
+		}
+	}
 	ct = bpf_map_lookup_elem(&ferrum_pol_ct, &key);
 	if (ct && now - ct->last_ns < pol_ct_lifetime(ct, f->proto)) {
 		int from_initiator = ((ct->flags & FERRUM_POL_CT_A_INITIATED) != 0) == src_is_a;

@@ -607,3 +607,48 @@ spec:
     );
     Ok(())
 }
+
+/// ICMP port unreachable from `from` to `to`, quoting `quoted` (an IP packet's first bytes).
+fn icmp_unreachable(from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let mut msg = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&quoted[..28]);
+    let csum = packet::checksum(&msg);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    packet::ethernet(
+        OVERLAY_MAC,
+        OVERLAY_MAC,
+        ETH_P_IP,
+        &packet::ipv4(from, to, packet::PROTO_ICMP, &msg),
+    )
+}
+
+#[test]
+fn icmp_errors_about_a_tracked_connection_belong_to_it() -> Result<()> {
+    let isolate_a = "
+metadata: {name: a-dns-only, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+  egress: [{ports: [{port: 53, protocol: UDP}]}]
+";
+    let (mut f, _, _) = fixture(&[isolate_a])?;
+    let query = udp(sa(POD_A, 5000), sa(REMOTE_POD, 53));
+    assert_eq!(
+        f.leave_pod(&query)?,
+        TC_ACT_REDIRECT,
+        "a's DNS query leaves"
+    );
+    let ip_of = |frame: &[u8]| frame[14..].to_vec();
+    // The remote pod has nothing on 53: its node answers port unreachable, quoting the query.
+    let error = icmp_unreachable(REMOTE_POD, POD_A, &ip_of(&query));
+    assert_eq!(
+        f.run(Program::FromOverlay, &error)?,
+        TC_ACT_REDIRECT,
+        "the error reaches a although a's ingress allows nothing"
+    );
+    // An error about a flow nobody opened is judged on its own: a admits nothing.
+    let unknown = udp(sa(POD_A, 5001), sa(REMOTE_POD, 53));
+    let error = icmp_unreachable(REMOTE_POD, POD_A, &ip_of(&unknown));
+    assert_eq!(f.run(Program::FromOverlay, &error)?, TC_ACT_SHOT);
+    Ok(())
+}
