@@ -230,7 +230,7 @@ static __always_inline int drop(struct __sk_buff *skb, __u8 reason, const struct
 	return TC_ACT_SHOT;
 }
 
-/* f->rule_id has just been cleared or set by the policy stage: a drop carries this rule. */
+/* A drop by the policy stage: the event carries the deciding rule. */
 static __always_inline int drop_rule(struct __sk_buff *skb, __u8 reason, struct flow *f, __u32 rule)
 {
 	f->rule_id = rule;
