@@ -345,15 +345,13 @@ fn measure(t: &Topology, target: Ipv4Addr, secs: f64) -> Result<(f64, Duration, 
     let s2 = stop.clone();
     let server = std::thread::spawn(move || {
         while !s2.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    // Wait for the client's RST instead of closing first: a server-side
-                    // TIME_WAIT would collide with the client's quickly reused ports and
-                    // cost 1 s SYN retransmits in every mode.
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                    let _ = std::io::Read::read(&mut s, &mut [0u8; 1]);
-                }
-                Err(_) => {}
+            // Err: the receive timeout passed; look at `stop` again.
+            if let Ok((mut s, _)) = listener.accept() {
+                // Wait for the client's RST instead of closing first: a server-side
+                // TIME_WAIT would collide with the client's quickly reused ports and
+                // cost 1 s SYN retransmits in every mode.
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = std::io::Read::read(&mut s, &mut [0u8; 1]);
             }
         }
     });
