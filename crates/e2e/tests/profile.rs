@@ -28,7 +28,11 @@ fn overlay_pod_cidr_expands_without_disturbing_pods_and_never_shrinks() -> Resul
         err.contains("--pod-cidr 10.244.0.0/23") && err.contains("--nodes 3"),
         "{err}"
     );
-    assert!(!std::path::Path::new(&format!("/run/netns/fe-{other}-fabric")).exists());
+    assert!(
+        !std::path::Path::new("/run/netns")
+            .join(ferrum_lab::profile::LabPaths::new(&other)?.fabric_netns())
+            .exists()
+    );
 
     lab.apply(
         &(pod_yaml("default", "a", "node-0") + "---\n" + &pod_yaml("default", "b", "node-1")),

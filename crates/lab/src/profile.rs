@@ -17,6 +17,10 @@ pub enum NameError {
     Invalid(String),
 }
 
+/// Ends the lab name in namespace names: not a lab-name character (see `LabPaths::new`), and
+/// allowed in netns names (which only forbid '/', "." and "..").
+pub const NETNS_SEPARATOR: char = '.';
+
 /// The file-system and namespace layout of one lab.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabPaths {
@@ -71,26 +75,28 @@ impl LabPaths {
     }
 
     /// Prefix of every network namespace this lab creates (used to find leftovers on `down`).
+    /// The lab name is followed by `NETNS_SEPARATOR`, which no lab name contains, so no lab's
+    /// prefix is a prefix of another lab's names ("demo." never matches "demo-x.fabric").
     pub fn netns_prefix(&self) -> String {
-        format!("fe-{}-", self.name)
+        format!("fe-{}{NETNS_SEPARATOR}", self.name)
     }
 
     pub fn fabric_netns(&self) -> String {
-        format!("fe-{}-fabric", self.name)
+        format!("{}fabric", self.netns_prefix())
     }
 
     pub fn external_netns(&self) -> String {
-        format!("fe-{}-ext", self.name)
+        format!("{}ext", self.netns_prefix())
     }
 
     pub fn node_netns(&self, node: &str) -> String {
-        format!("fe-{}-n-{}", self.name, node)
+        format!("{}n-{}", self.netns_prefix(), node)
     }
 
     /// A pod's netns, named from its uid (stable for the pod's life, unique across re-creation).
     pub fn pod_netns(&self, pod_uid: &str) -> String {
         let short: String = pod_uid.chars().filter(|c| *c != '-').take(12).collect();
-        format!("fe-{}-p-{}", self.name, short)
+        format!("{}p-{}", self.netns_prefix(), short)
     }
 }
 
@@ -102,7 +108,15 @@ mod tests {
     fn names_are_validated() {
         assert!(LabPaths::new("ferrum").is_ok());
         assert!(LabPaths::new("t-123").is_ok());
-        for bad in ["", "Ferrum", "1lab", "a/b", "a b", "seventeen-chars-x"] {
+        for bad in [
+            "",
+            "Ferrum",
+            "1lab",
+            "a/b",
+            "a b",
+            "a.b",
+            "seventeen-chars-x",
+        ] {
             assert!(LabPaths::new(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -118,6 +132,45 @@ mod tests {
             a.pod_netns("1234-5678-9abc-def0")
                 .starts_with(&a.netns_prefix())
         );
-        assert_eq!(a.pod_netns("1234-5678-9abc-def0"), "fe-a-p-123456789abc");
+        assert_eq!(a.pod_netns("1234-5678-9abc-def0"), "fe-a.p-123456789abc");
+    }
+
+    /// A lab whose name extends another's ("a" and "a-x", "a-n", "a-p") owns none of the
+    /// other's namespaces: `down` of one never matches the other's.
+    #[test]
+    fn no_lab_prefix_matches_another_labs_namespaces() {
+        let names = [
+            "a",
+            "a-x",
+            "a-n",
+            "a-p",
+            "a-n-node-0",
+            "a-fabric",
+            "ab",
+            "a-",
+        ];
+        for one in names {
+            let one = LabPaths::new(one).unwrap();
+            for other in names {
+                let other = LabPaths::new(other).unwrap();
+                let owned = [
+                    other.fabric_netns(),
+                    other.external_netns(),
+                    other.node_netns("node-0"),
+                    other.node_netns("node-63"),
+                    other.pod_netns("1234-5678-9abc-def0"),
+                ];
+                for ns in owned {
+                    assert_eq!(
+                        ns.starts_with(&one.netns_prefix()),
+                        one == other,
+                        "{ns} vs prefix {}",
+                        one.netns_prefix()
+                    );
+                    // Linux netns names live in /run/netns: one path component.
+                    assert!(ns.len() < 256 && !ns.contains('/'), "{ns}");
+                }
+            }
+        }
     }
 }

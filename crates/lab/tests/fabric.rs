@@ -94,6 +94,60 @@ fn fabric_connects_nodes_and_external_host_and_teardown_removes_everything() {
     drop(guard);
 }
 
+/// Two labs whose names extend one another ("t<pid>a" and "t<pid>a-x"): taking the shorter one
+/// down leaves every namespace, process and directory of the other intact.
+#[test]
+fn teardown_of_one_lab_leaves_a_lab_with_a_longer_name_intact() {
+    let short = LabPaths::new(&format!("t{}a", std::process::id())).unwrap();
+    let long = LabPaths::new(&format!("{}-x", short.name)).unwrap();
+    let _long_guard = LabGuard(long.clone());
+    let _short_guard = LabGuard(short.clone());
+    let profile = NetworkProfile {
+        nodes: 1,
+        ..Default::default()
+    };
+    for paths in [&short, &long] {
+        std::fs::create_dir_all(&paths.state_dir).unwrap();
+        std::fs::create_dir_all(&paths.run_dir).unwrap();
+        fabric::build(paths, &profile).unwrap();
+    }
+    let long_netns = fabric::list_netns(&long.netns_prefix());
+    assert_eq!(long_netns.len(), 3, "{long_netns:?}");
+    // A process of the other lab, which a prefix collision would kill.
+    let n0 = long.node_netns("node-0");
+    let mut sleeper = Command::new("ip")
+        .args(["netns", "exec", &n0, "sleep", "300"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    let summary = fabric::teardown(&short).unwrap();
+    assert_eq!(summary.netns_deleted.len(), 3, "{summary:?}");
+    assert_eq!(summary.processes_killed, 0, "{summary:?}");
+    assert!(
+        summary
+            .netns_deleted
+            .iter()
+            .all(|ns| !long_netns.contains(ns)),
+        "{summary:?} took namespaces of {}",
+        long.name
+    );
+    assert_eq!(fabric::list_netns(&long.netns_prefix()), long_netns);
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the other lab's process was killed"
+    );
+    assert!(long.state_dir.exists() && long.run_dir.exists());
+    assert!(
+        ping(&n0, &profile.router_ip().to_string()),
+        "{n0} lost its uplink"
+    );
+
+    fabric::teardown(&long).unwrap();
+    let _ = sleeper.wait();
+    assert!(fabric::list_netns(&long.netns_prefix()).is_empty());
+}
+
 #[test]
 fn teardown_removes_pins() {
     let name = format!("p{}", std::process::id());
