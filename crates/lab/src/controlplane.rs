@@ -54,6 +54,10 @@ pub enum CpError {
     PodNotFound { namespace: String, name: String },
     #[error("{object}: this namespace may not be deleted")]
     Forbidden { object: String },
+    #[error(
+        "{object} is owned by the lab, not by `ferrum apply`/`ferrum delete`: its spec is written by node {name}'s agent and its status by the lab's cloud; inspect it with `ferrum get nnc -A` (nothing of the request was applied)"
+    )]
+    LabOwned { object: String, name: String },
     #[error("control-plane store: {0}")]
     Store(#[from] StoreError),
     #[error("cannot generate a uid from /dev/urandom: {0}")]
@@ -173,6 +177,19 @@ impl ControlPlane {
     /// Makes the control plane allocate clusterIPs from `net` (the lab's --service-cidr).
     pub fn set_service_network(&self, net: ServiceNet) {
         self.lock().service_net = Some(net);
+    }
+
+    /// `apply` on behalf of a user (`ferrum apply`): refuses, whole, any object the lab itself
+    /// owns (NodeNetworkConfig: spec by the node's agent, status by the lab's cloud).
+    pub fn apply_from_user(&self, objects: Vec<Object>) -> Result<ApplyOutcome, CpError> {
+        refuse_lab_owned(objects.iter().map(ObjectRef::of))?;
+        self.apply(objects)
+    }
+
+    /// `delete` on behalf of a user (`ferrum delete`): refuses, whole, objects the lab owns.
+    pub fn delete_from_user(&self, refs: Vec<ObjectRef>) -> Result<u64, CpError> {
+        refuse_lab_owned(refs.iter().cloned())?;
+        self.delete(refs)
     }
 
     /// Creates or replaces every object, all or nothing.
@@ -653,6 +670,17 @@ pub(crate) fn new_uid() -> Result<String, CpError> {
     ))
 }
 
+/// Kinds that only the lab's components write (see `ControlPlane::apply_from_user`).
+fn refuse_lab_owned(refs: impl IntoIterator<Item = ObjectRef>) -> Result<(), CpError> {
+    match refs.into_iter().find(|r| r.kind == Kind::NodeNetworkConfig) {
+        Some(r) => Err(CpError::LabOwned {
+            object: r.to_string(),
+            name: r.name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -943,6 +971,56 @@ mod tests {
         assert_eq!(out.results[0].1, ApplyAction::Unchanged);
         let next = cp.apply(objects(&pod("b", ""))).unwrap();
         assert_eq!(next.revision, rev + 1);
+    }
+
+    /// NodeNetworkConfig belongs to the node's agent (spec) and the lab's cloud (status): a
+    /// user's apply or delete naming one is refused whole, naming the owners and `get nnc`.
+    #[test]
+    fn users_cannot_apply_or_delete_node_network_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::open(dir.path()).unwrap();
+        cp.apply(objects(NODES)).unwrap();
+        cp.apply(vec![Object::NodeNetworkConfig(NodeNetworkConfig::new(
+            "node-0", 16,
+        ))])
+        .unwrap();
+        let nnc_ref = ObjectRef::new(Kind::NodeNetworkConfig, Some(NNC_NAMESPACE), "node-0");
+        let before = (cp.revision(), cp.get(&nnc_ref));
+        let forged = pod("a", "")
+            + "---\napiVersion: ferrum.io/v1alpha1\nkind: NodeNetworkConfig\n\
+               metadata: {name: node-0, namespace: kube-system}\n\
+               spec: {requestedIPCount: 32}\n\
+               status: {podSubnet: 10.225.0.0/16, assignedIPs: [10.225.0.9], \
+               scaler: {batchSize: 16, requestThresholdPercent: 50, \
+               releaseThresholdPercent: 150, maxIPCount: 250}}\n";
+        let err = cp.apply_from_user(objects(&forged)).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, CpError::LabOwned { .. }), "{err:?}");
+        for needle in [
+            "NodeNetworkConfig kube-system/node-0",
+            "node node-0's agent",
+            "lab's cloud",
+            "ferrum get nnc",
+            "nothing of the request was applied",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from {text}");
+        }
+        assert_eq!((cp.revision(), cp.get(&nnc_ref)), before);
+        assert!(
+            cp.get(&pod_ref("a")).is_none(),
+            "the pod of the batch was applied"
+        );
+
+        let err = cp
+            .delete_from_user(vec![pod_ref("ghost"), nnc_ref.clone()])
+            .unwrap_err();
+        assert!(matches!(err, CpError::LabOwned { .. }), "{err:?}");
+        assert_eq!((cp.revision(), cp.get(&nnc_ref)), before);
+
+        // Everything else still goes through the user paths.
+        cp.apply_from_user(objects(&pod("a", ""))).unwrap();
+        cp.delete_from_user(vec![pod_ref("a")]).unwrap();
+        assert!(cp.get(&pod_ref("a")).is_none());
     }
 
     #[test]

@@ -144,14 +144,14 @@ fn answer(cp: &ControlPlane, request: Request) -> Result<Response, String> {
     };
     Ok(match request {
         Request::Apply { objects, wait } => {
-            let outcome = cp.apply(objects).map_err(|e| e.to_string())?;
+            let outcome = cp.apply_from_user(objects).map_err(|e| e.to_string())?;
             if wait {
                 wait_for(outcome.revision)?;
             }
             Response::Applied { outcome }
         }
         Request::Delete { refs, wait } => {
-            let revision = cp.delete(refs).map_err(|e| e.to_string())?;
+            let revision = cp.delete_from_user(refs).map_err(|e| e.to_string())?;
             if wait {
                 wait_for(revision)?;
             }
@@ -230,7 +230,7 @@ mod tests {
     use super::*;
     use crate::api::ApplyAction;
     use crate::client::{ClientError, LabClient, LabSource};
-    use ferrum_model::{AgentReport, Kind, ObjectRef, Source, WatchEvent, parse_documents};
+    use ferrum_model::{AgentReport, Kind, Object, ObjectRef, Source, WatchEvent, parse_documents};
 
     const NODE_AND_POD: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-0}\n---\n\
         apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c}]}\n";
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_over_the_socket() {
-        let (_dir, _cp, server, client) = setup();
+        let (_dir, cp, server, client) = setup();
         let mode = std::fs::metadata(server.socket())
             .unwrap()
             .permissions()
@@ -272,6 +272,24 @@ mod tests {
         );
         client.delete(vec![a.clone()], false).unwrap();
         assert!(client.get(&a).unwrap().is_none());
+
+        // The socket is the user's path: lab-owned NodeNetworkConfigs are refused there.
+        let nnc = ferrum_model::NodeNetworkConfig::new("node-0", 16);
+        cp.apply(vec![Object::NodeNetworkConfig(nnc.clone())])
+            .unwrap();
+        for err in [
+            client
+                .apply(vec![Object::NodeNetworkConfig(nnc.clone())], false)
+                .unwrap_err(),
+            client
+                .delete(vec![ObjectRef::of(&Object::NodeNetworkConfig(nnc))], false)
+                .unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, ClientError::Server(m) if m.contains("ferrum get nnc")),
+                "{err}"
+            );
+        }
 
         let report = AgentReport {
             node: "node-0".into(),
