@@ -98,6 +98,11 @@ impl Merger {
         self.cache.keys().all(|k| self.listed.contains(k))
     }
 
+    /// `kind`'s first listing has completed (its objects are the complete set).
+    pub fn listed(&self, kind: Kind) -> bool {
+        self.listed.contains(&kind)
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision
     }

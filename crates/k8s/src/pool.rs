@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
+use kube::{Api, ResourceExt};
 
 use crate::crd::{FerrumIPPool, FerrumIPPoolSpec, FerrumNode, FerrumNodeSpec, POOL_NAME};
 
@@ -345,6 +346,100 @@ pub async fn top_up(
     request_batches(pools, nodes, node, requested, &BTreeSet::new())
         .await
         .map(Some)
+}
+
+/// What collecting a deleted node's leftovers did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Collected {
+    /// The Node exists after all (our watch lags, or the name came back): nothing touched.
+    pub node_exists: bool,
+    /// The batches removed from the pool's allocations.
+    pub batches: Vec<String>,
+    /// The node's FerrumNode was deleted.
+    pub ferrum_node_deleted: bool,
+}
+
+/// Garbage collection of a deleted node (what the lab's cloud does with remove_node): removes
+/// `node`'s entry from the pool's allocations and deletes its FerrumNode. Each write is made
+/// only after reading the object and then finding the Node absent with a direct GET, and
+/// carries what was read (pool: resourceVersion; FerrumNode: resourceVersion and uid
+/// preconditions): a node of the same name that registers and claims in between makes the
+/// write fail with 409, and the re-read then finds its Node and leaves it alone.
+pub async fn collect_node(
+    pools: &Api<FerrumIPPool>,
+    ferrum_nodes: &Api<FerrumNode>,
+    nodes: &Api<Node>,
+    node: &str,
+) -> Result<Collected, PoolError> {
+    let api_err = |source| PoolError::Api {
+        node: node.to_string(),
+        source,
+    };
+    let mut out = Collected::default();
+    for attempt in 1..=CLAIM_ATTEMPTS {
+        let Some(mut pool) = pools.get_opt(POOL_NAME).await.map_err(api_err)? else {
+            break;
+        };
+        let Some(batches) = pool.spec.allocations.remove(node) else {
+            break;
+        };
+        if nodes.get_opt(node).await.map_err(api_err)?.is_some() {
+            out.node_exists = true;
+            return Ok(out);
+        }
+        match pools
+            .replace(POOL_NAME, &PostParams::default(), &pool)
+            .await
+        {
+            Ok(_) => {
+                out.batches = batches;
+                break;
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                tracing::debug!(
+                    node,
+                    attempt,
+                    "pool changed under the collector; re-reading"
+                );
+                if attempt == CLAIM_ATTEMPTS {
+                    return Err(PoolError::Contended {
+                        node: node.to_string(),
+                        attempts: CLAIM_ATTEMPTS,
+                    });
+                }
+            }
+            Err(e) => return Err(api_err(e)),
+        }
+    }
+    for attempt in 1..=CLAIM_ATTEMPTS {
+        let Some(object) = ferrum_nodes.get_opt(node).await.map_err(api_err)? else {
+            break;
+        };
+        if nodes.get_opt(node).await.map_err(api_err)?.is_some() {
+            out.node_exists = true;
+            return Ok(out);
+        }
+        let params = DeleteParams::default().preconditions(Preconditions {
+            resource_version: object.resource_version(),
+            uid: object.uid(),
+        });
+        match ferrum_nodes.delete(node, &params).await {
+            Ok(_) => {
+                out.ferrum_node_deleted = true;
+                break;
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => break,
+            Err(kube::Error::Api(status)) if status.code == 409 && attempt < CLAIM_ATTEMPTS => {
+                tracing::debug!(
+                    node,
+                    attempt,
+                    "FerrumNode changed under the collector; re-reading"
+                );
+            }
+            Err(e) => return Err(api_err(e)),
+        }
+    }
+    Ok(out)
 }
 
 /// Changes `node`'s FerrumNode spec with `edit` (creating the object when missing), replacing

@@ -7,7 +7,7 @@
 //! passes them on as the NodeNetworkConfigs the agent consumes ([`crate::vnet`]), and its
 //! [`IpRequester`] claims and releases batches in the pool.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -143,6 +143,7 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("", "namespaces", "watch"),
     ("", "services", "list"),
     ("", "services", "watch"),
+    ("", "nodes", "get"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
     ("discovery.k8s.io", "endpointslices", "list"),
@@ -156,6 +157,7 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("ferrum.dev", "ferrumnodes", "watch"),
     ("ferrum.dev", "ferrumnodes", "create"),
     ("ferrum.dev", "ferrumnodes", "update"),
+    ("ferrum.dev", "ferrumnodes", "delete"),
     ("ferrum.dev", "ferrumnodes/status", "patch"),
     ("ferrum.dev", "ferrumippools", "get"),
     ("ferrum.dev", "ferrumippools", "list"),
@@ -227,6 +229,8 @@ struct Pump {
     last_status: Option<(AgentReport, Instant)>,
     /// VNet mode: the pool and FerrumNodes as NodeNetworkConfigs.
     vnet: Option<VnetView>,
+    /// VNet mode: deleted nodes this agent has collected, until the watches stop showing them.
+    collected: BTreeSet<String>,
 }
 
 impl Pump {
@@ -253,6 +257,7 @@ impl Pump {
                             return;
                         }
                     }
+                    self.collect_deleted_nodes(&merger).await;
                     if let Some(synced) = merger.flush()
                         && self.events.send(synced).is_err()
                     {
@@ -266,6 +271,7 @@ impl Pump {
                     while let Some(Some(more)) = streams.next().now_or_never() {
                         batch.push(more);
                     }
+                    let nodes_changed = batch.iter().any(|(kind, _)| *kind == Kind::Node);
                     for (kind, result) in batch {
                         match result {
                             Ok(event) => {
@@ -291,6 +297,9 @@ impl Pump {
                         && self.events.send(synced).is_err()
                     {
                         return;
+                    }
+                    if nodes_changed {
+                        self.collect_deleted_nodes(&merger).await;
                     }
                 }
                 Some(report) = reports.recv() => self.write_status(report).await,
@@ -339,6 +348,48 @@ impl Pump {
             }
         }
         out
+    }
+
+    /// VNet mode: frees the batches and deletes the FerrumNode of every node that no longer
+    /// exists, when this agent is the collector ([`VnetView::stale_nodes`]). Runs after Node
+    /// and Ferrum resource changes (a watched delete, a relist that lost a node, a pool entry
+    /// of an unknown node); a failure is retried at the next such change.
+    async fn collect_deleted_nodes(&mut self, merger: &Merger) {
+        let Some(view) = self.vnet.as_ref() else {
+            return;
+        };
+        if !merger.listed(Kind::Node) {
+            return;
+        }
+        let live: BTreeSet<String> = merger
+            .objects(Kind::Node)
+            .map(|o| o.name().to_string())
+            .collect();
+        let stale = view.stale_nodes(&live);
+        self.collected.retain(|n| stale.contains(n));
+        let pools: Api<FerrumIPPool> = Api::all(self.client.clone());
+        let ferrum_nodes: Api<FerrumNode> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        for node in stale {
+            if self.collected.contains(&node) {
+                continue;
+            }
+            match crate::pool::collect_node(&pools, &ferrum_nodes, &nodes, &node).await {
+                Ok(c) if c.node_exists => {
+                    tracing::debug!(node, "Node still exists (the watch lags): not collected")
+                }
+                Ok(c) => {
+                    tracing::info!(node, batches = ?c.batches, ferrum_node_deleted = c.ferrum_node_deleted,
+                        "collected a deleted node: its batches are back in the FerrumIPPool");
+                    self.collected.insert(node);
+                }
+                Err(e) => tracing::warn!(
+                    node,
+                    "collecting a deleted node failed (retried at the next change): {}",
+                    chain(&e)
+                ),
+            }
+        }
     }
 
     /// Logs a rejected object; the agent chosen by [`event_reporter`] also records an Event.
@@ -549,6 +600,7 @@ fn spawn_pump(
                     recorder,
                     reported: HashSet::new(),
                     last_status: None,
+                    collected: BTreeSet::new(),
                 };
                 pump.run(streams, crds, report_rx).await;
             });

@@ -205,6 +205,31 @@ impl VnetView {
         Some(nncs.into_values().collect())
     }
 
+    /// Node garbage collection: the nodes whose pool entry or FerrumNode outlived their Node
+    /// (`live`: the complete set of Nodes), when this agent is the collector: the lowest-named
+    /// live node running an agent (one with a FerrumNode). Every agent sees the same Nodes and
+    /// FerrumNodes, so exactly one collects without talking to the others (two at a moment of
+    /// disagreement are harmless: the writes are optimistic and idempotent). Empty until the
+    /// pool and the FerrumNodes are listed.
+    pub fn stale_nodes(&self, live: &BTreeSet<String>) -> Vec<String> {
+        if !self.initialized() {
+            return Vec::new();
+        }
+        let collector = self.nodes.items.keys().filter(|n| live.contains(*n)).min();
+        if collector != Some(&self.node) {
+            return Vec::new();
+        }
+        let mut known: BTreeSet<&String> = self.nodes.items.keys().collect();
+        if let Some(pool) = self.pools.items.get(POOL_NAME) {
+            known.extend(pool.spec.allocations.keys());
+        }
+        known
+            .into_iter()
+            .filter(|n| !live.contains(*n) && **n != self.node)
+            .cloned()
+            .collect()
+    }
+
     /// This node asked for more batches than it owns and the pool has a free one: a claim
     /// is due (the request could not be met earlier, or has not been yet).
     pub fn shortfall(&self) -> bool {
@@ -329,6 +354,44 @@ mod tests {
         assert!(s.subnet_exhausted);
         assert!(s.message.contains("10.241.0.0/26"), "{}", s.message);
         assert!(!v.shortfall(), "nothing to claim");
+    }
+
+    #[test]
+    fn the_lowest_live_node_with_an_agent_collects_nodes_that_are_gone() {
+        let live = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        let mut v = view(); // node "a"
+        assert!(
+            v.stale_nodes(&live(&["a"])).is_empty(),
+            "nothing before both kinds are listed"
+        );
+        for e in list(vec![pool(
+            "10.241.0.0/24",
+            &[
+                ("a", &["10.241.0.0/28"]),
+                ("b", &["10.241.0.16/28"]),
+                ("gone", &["10.241.0.32/28"]),
+            ],
+        )]) {
+            v.apply_pool(e);
+        }
+        // "0" is live and sorts first, but runs no agent (no FerrumNode): "a" collects.
+        for e in list(vec![fnode("a", 16), fnode("b", 16), fnode("old", 0)]) {
+            v.apply_node(e);
+        }
+        assert_eq!(
+            v.stale_nodes(&live(&["0", "a", "b"])),
+            ["gone", "old"],
+            "the pool entry and the FerrumNode of deleted nodes"
+        );
+        // b goes too.
+        assert_eq!(v.stale_nodes(&live(&["0", "a"])), ["b", "gone", "old"]);
+        // Another agent is lower: a leaves it to that one.
+        v.apply_node(Event::Apply(fnode("0", 16)));
+        assert!(v.stale_nodes(&live(&["0", "a"])).is_empty());
+        // ... until that node is gone itself: then a collects it as well.
+        assert_eq!(v.stale_nodes(&live(&["a"])), ["0", "b", "gone", "old"]);
+        // An agent whose own Node is not (yet) in the set never collects itself.
+        assert!(!v.stale_nodes(&live(&["b"])).contains(&"a".to_string()));
     }
 
     #[test]

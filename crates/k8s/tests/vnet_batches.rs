@@ -381,3 +381,171 @@ fn an_exhausted_request_is_met_once_another_node_frees_a_batch() {
     );
     support::assert_rbac_allows(&api.seen());
 }
+
+fn core_node(name: &str) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": "20"}})
+}
+
+fn ferrum_node(name: &str, rv: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "ferrum.dev/v1alpha1", "kind": "FerrumNode",
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": rv},
+        "spec": {"podCIDRs": [], "requestedIPCount": 16}
+    })
+}
+
+fn wait_for(api: &MockApi, what: &str, seen: impl Fn(&[support::Seen]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen(&api.seen()) {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not seen: {:#?}",
+            api.seen()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Node deleted in the cluster (watch DELETED): the collector (a, the lowest-named node
+/// running an agent) removes its pool entry with the resourceVersion it read (a 409 is
+/// re-read and retried) after a direct GET finds the Node gone, and deletes its FerrumNode
+/// with resourceVersion/uid preconditions. A pool entry whose Node the watch does not show
+/// but a GET finds (watch lag) is left alone.
+#[test]
+fn a_deleted_nodes_batches_go_back_to_the_pool_and_its_ferrum_node_is_deleted() {
+    const CORE_NODES: &str = "/api/v1/nodes";
+    const NODE_B: &str = "/api/v1/nodes/b";
+    const NODE_D: &str = "/api/v1/nodes/d";
+    const FNODE_B: &str = "/apis/ferrum.dev/v1alpha1/ferrumnodes/b";
+    let api = MockApi::default();
+    let deleted = Arc::new(AtomicBool::new(false));
+    let listed = serde_json::json!({"a": ["10.241.0.16/28"], "b": ["10.241.0.0/28"], "d": ["10.241.0.48/28"]});
+    api.on(
+        "GET",
+        POOLS,
+        false,
+        Reply::Json(200, list(&[pool("10", listed.clone())], "10")),
+    )
+    .on(
+        "GET",
+        NODES,
+        false,
+        Reply::Json(
+            200,
+            list(&[ferrum_node("a", "3"), ferrum_node("b", "7")], "7"),
+        ),
+    )
+    .on(
+        "GET",
+        CORE_NODES,
+        false,
+        Reply::Json(200, list(&[core_node("a"), core_node("b")], "20")),
+    )
+    .on(
+        "GET",
+        CORE_NODES,
+        true,
+        Reply::WatchWhen(
+            deleted.clone(),
+            vec![serde_json::json!({"type": "DELETED", "object": core_node("b")})],
+        ),
+    );
+    // 1. d has batches but no Node in the listing; a GET finds it (the watch lags): kept.
+    for _ in 0..8 {
+        api.on(
+            "GET",
+            POOL,
+            false,
+            Reply::Json(200, pool("10", listed.clone())),
+        )
+        .on("GET", NODE_D, false, Reply::Json(200, core_node("d")));
+    }
+    let mock = api.clone();
+    let options = VnetOptions {
+        pod_subnet: "10.241.0.0/16".parse().unwrap(),
+        max_pods: 110,
+    };
+    let mut src =
+        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    next_own_nnc(&mut src, |n| n.status.is_some());
+    wait_for(&api, "GET of node d", |seen| {
+        seen.iter().any(|s| s.method == "GET" && s.path == NODE_D)
+    });
+    // Let the rest of the listing's events pass, then script the collection of b.
+    std::thread::sleep(Duration::from_millis(500));
+    api.reset("GET", POOL, false);
+    api.reset("GET", NODE_D, false);
+    assert!(puts(&api, POOL).is_empty(), "d's entry was touched");
+    let with_c = serde_json::json!({"a": ["10.241.0.16/28"], "b": ["10.241.0.0/28"], "c": ["10.241.0.32/28"], "d": ["10.241.0.48/28"]});
+    api.on("GET", POOL, false, Reply::Json(200, pool("10", listed)))
+        .on(
+            "PUT",
+            POOL,
+            false,
+            Reply::Json(409, status(409, "Conflict", "the object has been modified")),
+        )
+        .on("GET", POOL, false, Reply::Json(200, pool("11", with_c)))
+        .on("PUT", POOL, false, Reply::Echo(200))
+        .on(
+            "GET",
+            FNODE_B,
+            false,
+            Reply::Json(200, ferrum_node("b", "7")),
+        )
+        .on(
+            "DELETE",
+            FNODE_B,
+            false,
+            Reply::Json(200, ferrum_node("b", "7")),
+        );
+
+    // 2. b's Node is deleted.
+    deleted.store(true, Ordering::SeqCst);
+    wait_for(&api, "DELETE of b's FerrumNode", |seen| {
+        seen.iter()
+            .any(|s| s.method == "DELETE" && s.path == FNODE_B)
+    });
+    let pool_puts = puts(&api, POOL);
+    assert_eq!(pool_puts.len(), 2, "one lost race, one win");
+    assert_eq!(pool_puts[0]["metadata"]["resourceVersion"], "10");
+    assert_eq!(pool_puts[1]["metadata"]["resourceVersion"], "11");
+    for put in &pool_puts {
+        let allocations = put["spec"]["allocations"].as_object().unwrap();
+        assert!(!allocations.contains_key("b"), "{put}");
+        assert_eq!(allocations["a"], serde_json::json!(["10.241.0.16/28"]));
+        assert_eq!(allocations["d"], serde_json::json!(["10.241.0.48/28"]));
+    }
+    assert_eq!(
+        pool_puts[1]["spec"]["allocations"]["c"],
+        serde_json::json!(["10.241.0.32/28"]),
+        "the concurrent claim is kept"
+    );
+    let seen = api.seen();
+    let first = |method: &str, path: &str| {
+        seen.iter()
+            .position(|s| s.method == method && s.path == path)
+            .unwrap_or_else(|| panic!("no {method} {path}"))
+    };
+    assert!(
+        first("GET", NODE_B) < first("PUT", POOL),
+        "the Node's absence is checked before the pool is written"
+    );
+    let delete = seen
+        .iter()
+        .find(|s| s.method == "DELETE" && s.path == FNODE_B)
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&delete.body).unwrap();
+    assert_eq!(
+        body["preconditions"],
+        serde_json::json!({"resourceVersion": "7", "uid": "uid-b"}),
+        "{body}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.method == "DELETE" && s.path != FNODE_B),
+        "only b's FerrumNode is deleted"
+    );
+    support::assert_rbac_allows(&seen);
+}

@@ -65,6 +65,14 @@ impl MockApi {
         self
     }
 
+    /// Drops the replies still queued for (method, path, is_watch).
+    pub fn reset(&self, method: &str, path: &str, watch: bool) {
+        self.script
+            .lock()
+            .unwrap()
+            .remove(&(method.into(), path.into(), watch));
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
