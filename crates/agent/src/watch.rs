@@ -153,15 +153,19 @@ pub fn realize_vnet<D: Dataplane>(
             state.not_ready_reason = None;
         }
         None => {
-            let why = format!(
-                "waiting for the cloud to assign addresses (NodeNetworkConfig kube-system/{} has {})",
-                id.name,
-                if own.is_some() {
-                    "no status yet"
-                } else {
-                    "not been created"
-                }
-            );
+            let why = match own.and_then(NodeNetworkConfig::pending_reason) {
+                // Kubernetes mode says why the pool cannot be used: that is what to fix.
+                Some(reason) => format!("waiting for addresses: {reason}"),
+                None => format!(
+                    "waiting for the cloud to assign addresses (NodeNetworkConfig kube-system/{} has {})",
+                    id.name,
+                    if own.is_some() {
+                        "no status yet"
+                    } else {
+                        "not been created"
+                    }
+                ),
+            };
             state.block_confirmed = false;
             state.not_ready_reason = Some(why);
         }
@@ -592,6 +596,43 @@ mod tests {
         let batch: Ipv4Net = "10.241.0.16/28".parse().unwrap();
         assert_eq!(request.ips_not_in_use.len(), 16);
         assert!(request.ips_not_in_use.iter().all(|ip| batch.contains(ip)));
+    }
+
+    /// Kubernetes mode without a usable FerrumIPPool: the not-ready reason is the real one
+    /// (the pool is missing, or outside --cluster-pod-cidr), not "no status yet".
+    #[test]
+    fn vnet_not_ready_reason_carries_why_the_pool_is_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::open(dir.path(), 110).unwrap();
+        let mut s = NodeState::new(store, MemDataplane::default(), 1500);
+        s.vnet = Some(crate::handler::VnetState::default());
+        let mut t = NodeTable::default();
+        t.apply(upsert(Object::NodeNetworkConfig(NodeNetworkConfig::new(
+            "a", 0,
+        ))));
+        t.apply(WatchEvent::Synced { revision: 1 });
+        realize_vnet(&mut s, &id(), &t).unwrap();
+        assert!(!s.ready());
+        assert!(
+            s.not_ready_reason
+                .as_deref()
+                .unwrap()
+                .contains("no status yet"),
+            "{:?}",
+            s.not_ready_reason
+        );
+        let reason = "FerrumIPPool default spec.cidr 10.99.0.0/24 is not inside the agent's \
+                      pod subnet --cluster-pod-cidr 10.241.0.0/16: make them agree";
+        let mut nnc = NodeNetworkConfig::new("a", 0);
+        nnc.set_pending_reason(reason);
+        t.apply(upsert(Object::NodeNetworkConfig(nnc)));
+        t.apply(WatchEvent::Synced { revision: 2 });
+        realize_vnet(&mut s, &id(), &t).unwrap();
+        assert!(!s.ready());
+        assert_eq!(
+            s.not_ready_reason.as_deref(),
+            Some(format!("waiting for addresses: {reason}").as_str())
+        );
     }
 
     #[test]

@@ -144,8 +144,10 @@ impl VnetView {
                 .get(&name)
                 .map_or(0, |n| n.spec.requested_ip_count);
             let mut nnc = NodeNetworkConfig::new(&name, requested);
-            if let Ok(spec) = pool {
-                nnc.status = Some(self.status(spec, &name, requested));
+            match pool {
+                Ok(spec) => nnc.status = Some(self.status(spec, &name, requested)),
+                // The agent reports this as why it is not ready (not just a log line).
+                Err(ref why) => nnc.set_pending_reason(why),
             }
             out.insert(name, nnc);
         }
@@ -407,13 +409,18 @@ mod tests {
         assert_eq!(nncs.len(), 1, "this node, waiting");
         assert!(nncs[0].status.is_none());
         assert!(v.nncs().1.unwrap().contains("ippool.yaml"));
+        // The reason travels with the NodeNetworkConfig, for the agent's not-ready message.
+        let why = nncs[0].pending_reason().unwrap();
+        assert!(why.contains("FerrumIPPool default does not exist"), "{why}");
         v.apply_pool(Event::Apply(pool("10.99.0.0/24", &[])));
-        assert!(v.changed().is_none(), "still no status");
-        let why = v.nncs().1.unwrap();
+        let nncs = v.changed().expect("a new reason is handed on");
+        assert!(nncs[0].status.is_none(), "still no status");
+        let why = nncs[0].pending_reason().unwrap();
         assert!(
-            why.contains("10.99.0.0/24") && why.contains("10.241.0.0/16"),
+            why.contains("10.99.0.0/24") && why.contains("--cluster-pod-cidr 10.241.0.0/16"),
             "{why}"
         );
+        assert_eq!(Some(why), v.nncs().1.as_deref());
         // A relist that drops the pool takes the statuses away again.
         v.apply_pool(Event::Apply(pool(
             "10.241.0.0/24",

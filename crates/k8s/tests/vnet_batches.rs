@@ -549,3 +549,48 @@ fn a_deleted_nodes_batches_go_back_to_the_pool_and_its_ferrum_node_is_deleted() 
     );
     support::assert_rbac_allows(&seen);
 }
+
+/// Without a usable FerrumIPPool the node's NodeNetworkConfig comes without status but with
+/// the reason (which the agent reports as why it is not ready): missing, then outside the
+/// agent's --cluster-pod-cidr.
+#[test]
+fn the_reason_the_pool_is_unusable_comes_with_the_node_network_config() {
+    let api = MockApi::default();
+    let foreign = Arc::new(AtomicBool::new(false));
+    let mut outside = pool("30", serde_json::json!({}));
+    outside["spec"]["cidr"] = "10.99.0.0/24".into();
+    api.on(
+        "GET",
+        POOLS,
+        true,
+        Reply::WatchWhen(
+            foreign.clone(),
+            vec![serde_json::json!({"type": "ADDED", "object": outside})],
+        ),
+    );
+    let mock = api.clone();
+    let options = VnetOptions {
+        pod_subnet: "10.241.0.0/16".parse().unwrap(),
+        max_pods: 110,
+    };
+    let mut src =
+        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    let nnc = next_own_nnc(&mut src, |n| n.pending_reason().is_some());
+    assert!(nnc.status.is_none());
+    let why = nnc.pending_reason().unwrap();
+    assert!(
+        why.contains("FerrumIPPool default does not exist") && why.contains("ippool.yaml"),
+        "{why}"
+    );
+    foreign.store(true, Ordering::SeqCst);
+    let nnc = next_own_nnc(&mut src, |n| {
+        n.pending_reason()
+            .is_some_and(|r| r.contains("10.99.0.0/24"))
+    });
+    assert!(nnc.status.is_none());
+    assert!(
+        nnc.pending_reason()
+            .unwrap()
+            .contains("--cluster-pod-cidr 10.241.0.0/16")
+    );
+}

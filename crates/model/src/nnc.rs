@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 pub const NNC_API_VERSION: &str = "ferrum.io/v1alpha1";
 pub const NNC_KIND: &str = "NodeNetworkConfig";
 pub const NNC_NAMESPACE: &str = "kube-system";
+/// Annotation on a NodeNetworkConfig that has no status: why none can be given yet (Kubernetes
+/// mode: the FerrumIPPool is missing, invalid, or outside the agent's --cluster-pod-cidr). The
+/// agent reports it as the reason it is not ready.
+pub const NNC_PENDING_ANNOTATION: &str = "ferrum.dev/pending-reason";
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -94,6 +98,24 @@ impl NodeNetworkConfig {
     /// The node it belongs to (its name).
     pub fn node(&self) -> &str {
         self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// Why the status is missing, when whoever writes it said so ([`NNC_PENDING_ANNOTATION`]).
+    pub fn pending_reason(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(NNC_PENDING_ANNOTATION)
+            .map(String::as_str)
+            .filter(|r| !r.is_empty())
+    }
+
+    /// Records why the status is missing (see [`NodeNetworkConfig::pending_reason`]).
+    pub fn set_pending_reason(&mut self, reason: &str) {
+        self.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(NNC_PENDING_ANNOTATION.into(), reason.into());
     }
 }
 
