@@ -476,14 +476,17 @@ impl AgentSupervisor {
 
     fn is_our_agent(&self, pid: i32) -> bool {
         let cmd = fabric::process_cmdline(pid);
+        let args: Vec<&str> = cmd.split(' ').collect();
+        // Whole arguments: "fe-demo.n-node-0" is a substring of lab "xfe-demo"'s netns path.
+        let netns = fabric::netns_path(&self.paths.node_netns(&self.node));
         fabric::process_alive(pid)
             && cmd.contains(AGENT_BINARY)
-            && cmd
-                .split(' ')
-                .collect::<Vec<_>>()
+            && args
                 .windows(2)
                 .any(|w| w == ["--node-name", self.node.as_str()])
-            && cmd.contains(&self.paths.node_netns(&self.node))
+            && args
+                .windows(2)
+                .any(|w| w[0] == "--netns" && Path::new(w[1]) == netns)
     }
 
     fn spawn(&self) -> std::io::Result<Child> {
