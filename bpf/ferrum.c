@@ -152,13 +152,6 @@ struct flow {
 	__u32 rule_id;
 	__u8 lb_rev; /* lb_rev_nat translated this reply */
 	__u8 reply; /* the policy stage found it to be a reply */
-	/* ICMP errors: the quoted packet's tuple (the connection the error belongs to). */
-	__u8 icmp_quoted;
-	__u8 quoted_proto;
-	__u16 quoted_sport;
-	__u16 quoted_dport;
-	__u32 quoted_saddr;
-	__u32 quoted_daddr;
 };
 
 static __always_inline struct ferrum_config *config(void)
@@ -353,26 +346,6 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		if (bpf_skb_load_bytes(skb, f->l4_off, &icmp, sizeof(icmp)) < 0)
 			return -2;
 		f->icmp_type = icmp.type;
-		if (icmp.type == ICMP_ERR_UNREACH || icmp.type == ICMP_ERR_TIME_EXCEEDED ||
-		    icmp.type == ICMP_ERR_PARAMETER) {
-			struct iphdr quoted;
-			__u16 qports[2] = {};
-			__u32 qoff = f->l4_off + sizeof(icmp);
-			if (bpf_skb_load_bytes(skb, qoff, &quoted, sizeof(quoted)) == 0 &&
-			    quoted.version == 4 && quoted.ihl >= 5) {
-				f->icmp_quoted = 1;
-				f->quoted_proto = quoted.protocol;
-				f->quoted_saddr = quoted.saddr;
-				f->quoted_daddr = quoted.daddr;
-				if ((quoted.protocol == IPPROTO_TCP || quoted.protocol == IPPROTO_UDP ||
-				     quoted.protocol == IPPROTO_SCTP) &&
-				    bpf_skb_load_bytes(skb, qoff + quoted.ihl * 4, qports,
-						       sizeof(qports)) == 0) {
-					f->quoted_sport = qports[0];
-					f->quoted_dport = qports[1];
-				}
-			}
-		}
 		if (icmp.type == ICMP_ECHO || icmp.type == ICMP_ECHOREPLY) {
 			f->has_ports = 1;
 			/* The echo id plays the port on the host that sent the request. */
@@ -576,8 +549,8 @@ static __always_inline int policy_allows(__u32 endpoint, __u8 direction, __u32 p
  * the initiator's egress if it is an endpoint of this node, then the responder's ingress if
  * it is. Returns POLICY_ALLOW with the deciding rule (the ingress one when both decide), or
  * POLICY_DENY with the isolating policy's rule and the drop reason. */
-static __always_inline int policy_decide(__u32 src, __u32 dst, __u8 proto, __u16 dport,
-					 __u32 *rule, __u8 *reason)
+static __always_inline int policy_decide_inline(__u32 src, __u32 dst, __u8 proto, __u16 dport,
+						__u32 *rule, __u8 *reason)
 {
 	struct ferrum_pol_endpoint *ep;
 	__u32 r = 0;
@@ -607,25 +580,54 @@ static __always_inline int policy_decide(__u32 src, __u32 dst, __u8 proto, __u16
 	return POLICY_ALLOW;
 }
 
+/* Global, so the verifier checks the lookups once rather than at every call site. Returns 0
+ * (allowed) or the drop reason; *rule as policy_decide_inline sets it. */
+__attribute__((noinline)) int ferrum_policy_decide(__u32 src, __u32 dst, __u32 proto,
+						   __u32 dport, __u32 *rule)
+{
+	__u32 r = 0;
+	__u8 reason = 0;
+	int verdict = policy_decide_inline(src, dst, proto, dport, &r, &reason);
+
+	if (rule)
+		*rule = r;
+	return verdict == POLICY_DENY ? reason : 0;
+}
+
+static __always_inline int policy_decide(__u32 src, __u32 dst, __u8 proto, __u16 dport,
+					 __u32 *rule, __u8 *reason)
+{
+	int r = ferrum_policy_decide(src, dst, proto, dport, rule);
+
+	*reason = r;
+	return r ? POLICY_DENY : POLICY_ALLOW;
+}
+
 /* The conntrack key of a packet: both directions of a connection give the same key. Returns 1
  * when the packet's source is the key's a side. */
-static __always_inline int pol_ct_key(const struct flow *f, struct ferrum_nat_key *k)
+static __always_inline int tuple_ct_key(__u32 saddr, __u32 daddr, __u16 sport, __u16 dport,
+					__u8 proto, struct ferrum_nat_key *k)
 {
-	int src_is_a = f->saddr < f->daddr || (f->saddr == f->daddr && f->sport <= f->dport);
+	int src_is_a = saddr < daddr || (saddr == daddr && sport <= dport);
 
-	k->proto = f->proto;
+	k->proto = proto;
 	if (src_is_a) {
-		k->addr_a = f->saddr;
-		k->port_a = f->sport;
-		k->addr_b = f->daddr;
-		k->port_b = f->dport;
+		k->addr_a = saddr;
+		k->port_a = sport;
+		k->addr_b = daddr;
+		k->port_b = dport;
 	} else {
-		k->addr_a = f->daddr;
-		k->port_a = f->dport;
-		k->addr_b = f->saddr;
-		k->port_b = f->sport;
+		k->addr_a = daddr;
+		k->port_a = dport;
+		k->addr_b = saddr;
+		k->port_b = sport;
 	}
 	return src_is_a;
+}
+
+static __always_inline int pol_ct_key(const struct flow *f, struct ferrum_nat_key *k)
+{
+	return tuple_ct_key(f->saddr, f->daddr, f->sport, f->dport, f->proto, k);
 }
 
 static __always_inline __u64 pol_ct_lifetime(const struct ferrum_pol_ct *ct, __u8 proto)
@@ -635,6 +637,40 @@ static __always_inline __u64 pol_ct_lifetime(const struct ferrum_pol_ct *ct, __u
 	return proto == IPPROTO_TCP ? FERRUM_POL_CT_TCP_NS : FERRUM_POL_CT_OTHER_NS;
 }
 
+/* An ICMP error quoting a packet of a tracked, allowed connection belongs to it: fills the
+ * connection's rule and returns 1. */
+static __always_inline int pol_icmp_related(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					    struct flow *f, __u64 now)
+{
+	struct ferrum_nat_key qkey = {};
+	struct ferrum_pol_ct *qct;
+	struct iphdr quoted;
+	__u16 qports[2] = {};
+	__u32 qoff = f->l4_off + sizeof(struct icmp_echo_hdr);
+
+	if (f->proto != IPPROTO_ICMP ||
+	    (f->icmp_type != ICMP_ERR_UNREACH && f->icmp_type != ICMP_ERR_TIME_EXCEEDED &&
+	     f->icmp_type != ICMP_ERR_PARAMETER))
+		return 0;
+	if (bpf_skb_load_bytes(skb, qoff, &quoted, sizeof(quoted)) < 0 || quoted.version != 4 ||
+	    quoted.ihl < 5)
+		return 0;
+	if (quoted.protocol == IPPROTO_TCP || quoted.protocol == IPPROTO_UDP ||
+	    quoted.protocol == IPPROTO_SCTP) {
+		if (bpf_skb_load_bytes(skb, qoff + quoted.ihl * 4, qports, sizeof(qports)) < 0)
+			return 0;
+	}
+	tuple_ct_key(quoted.saddr, quoted.daddr, qports[0], qports[1], quoted.protocol, &qkey);
+	qct = bpf_map_lookup_elem(&ferrum_pol_ct, &qkey);
+	if (!qct || (qct->flags & FERRUM_POL_CT_DENIED) || qct->gen != cfg->policy_gen ||
+	    now - qct->last_ns >= pol_ct_lifetime(qct, quoted.protocol))
+		return 0;
+	f->reply = 1;
+	f->rule_id = qct->rule_id;
+	return 1;
+}
+
+
 
 /* The policy stage, at the one place on this node where a packet is delivered to (or leaves)
  * a local pod. A connection is judged on its first packet; replies and later packets follow
@@ -643,8 +679,9 @@ static __always_inline __u64 pol_ct_lifetime(const struct ferrum_pol_ct *ct, __u
  * in both directions. `initiator` is the source address policy judges a new connection by
  * (the client before hairpin or masquerade SNAT). Returns POLICY_ALLOW or POLICY_DENY (the
  * drop event has been emitted). */
-static __always_inline int policy_check(struct __sk_buff *skb, const struct ferrum_config *cfg,
-					struct flow *f, __u32 initiator)
+static __always_inline int policy_check_inline(struct __sk_buff *skb,
+					       const struct ferrum_config *cfg, struct flow *f,
+					       __u32 initiator)
 {
 	struct ferrum_nat_key key = {};
 	struct ferrum_pol_ct *ct, nct = {};
@@ -656,25 +693,8 @@ static __always_inline int policy_check(struct __sk_buff *skb, const struct ferr
 	int syn = f->proto == IPPROTO_TCP &&
 		  (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 
-	if (f->icmp_quoted) {
-		/* An error about a packet of a tracked connection belongs to that connection. */
-		struct ferrum_nat_key qkey = {};
-		struct flow q = {};
-		struct ferrum_pol_ct *qct;
-		q.saddr = f->quoted_saddr;
-		q.daddr = f->quoted_daddr;
-		q.sport = f->quoted_sport;
-		q.dport = f->quoted_dport;
-		q.proto = f->quoted_proto;
-		pol_ct_key(&q, &qkey);
-		qct = bpf_map_lookup_elem(&ferrum_pol_ct, &qkey);
-		if (qct && !(qct->flags & FERRUM_POL_CT_DENIED) && qct->gen == cfg->policy_gen &&
-		    now - qct->last_ns < pol_ct_lifetime(qct, q.proto)) {
-			f->reply = 1;
-			f->rule_id = qct->rule_id;
-			return POLICY_ALLOW;
-		}
-	}
+	if (pol_icmp_related(skb, cfg, f, now))
+		return POLICY_ALLOW;
 	ct = bpf_map_lookup_elem(&ferrum_pol_ct, &key);
 	if (ct && now - ct->last_ns < pol_ct_lifetime(ct, f->proto)) {
 		int from_initiator = ((ct->flags & FERRUM_POL_CT_A_INITIATED) != 0) == src_is_a;
@@ -725,6 +745,52 @@ static __always_inline int policy_check(struct __sk_buff *skb, const struct ferr
 	bpf_map_update_elem(&ferrum_pol_ct, &key, &nct, BPF_ANY);
 	f->rule_id = rule;
 	return POLICY_ALLOW;
+}
+
+/* A global function: the verifier checks it once, not again at each of the six places that
+ * call it (inlined, they multiplied the programs' verification work). */
+__attribute__((noinline)) int ferrum_policy_check(struct __sk_buff *skb, struct flow *f,
+						  __u32 initiator)
+{
+	struct ferrum_config *cfg = config();
+
+	if (!cfg || !f)
+		return POLICY_ALLOW;
+	return policy_check_inline(skb, cfg, f, initiator);
+}
+
+static __always_inline int policy_check(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					struct flow *f, __u32 initiator)
+{
+	(void)cfg;
+	return ferrum_policy_check(skb, f, initiator);
+}
+
+/* Policy for a reply that lb_rev_nat has just translated back to the frontend: judged on the
+ * tuple it had before (the one its connection is tracked under), saved in `wire`. */
+struct wire_tuple {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+};
+
+static __always_inline int policy_check_wire(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					     struct flow *f, const struct wire_tuple *wire)
+{
+	struct wire_tuple now = { f->saddr, f->daddr, f->sport, f->dport };
+	int rc;
+
+	f->saddr = wire->saddr;
+	f->daddr = wire->daddr;
+	f->sport = wire->sport;
+	f->dport = wire->dport;
+	rc = policy_check(skb, cfg, f, wire->saddr);
+	f->saddr = now.saddr;
+	f->daddr = now.daddr;
+	f->sport = now.sport;
+	f->dport = now.dport;
+	return rc;
 }
 
 /* ---- Service load balancing ------------------------------------------------------------ */
@@ -1013,7 +1079,8 @@ static __always_inline __u16 lb_snat_port(const struct ferrum_config *cfg,
 /* DNAT (and, for masqueraded or hairpinned clients, SNAT) of a balanced flow; scope external:
  * the client is outside the cluster. Returns LB_TRANSLATED (route the packet on to the
  * backend), LB_CONTINUE (no such frontend) or a verdict. */
-static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferrum_config *cfg,
+static __always_inline int lb_translate_inline(struct __sk_buff *skb,
+					       const struct ferrum_config *cfg,
 					const struct ferrum_endpoint *src_ep, struct flow *f,
 					__u8 scope)
 {
@@ -1102,6 +1169,28 @@ static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferr
 	return LB_TRANSLATED;
 }
 
+/* Global, like ferrum_policy_check: verified once, and its stack is not added to the callers'
+ * (from_pod and from_uplink would otherwise exceed the 512-byte BPF stack with the policy
+ * stage below them). */
+__attribute__((noinline)) int ferrum_lb_translate(struct __sk_buff *skb,
+						  const struct ferrum_endpoint *src_ep,
+						  struct flow *f, __u32 scope)
+{
+	struct ferrum_config *cfg = config();
+
+	if (!cfg || !f)
+		return LB_CONTINUE;
+	return lb_translate_inline(skb, cfg, src_ep, f, scope);
+}
+
+static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					const struct ferrum_endpoint *src_ep, struct flow *f,
+					__u8 scope)
+{
+	(void)cfg;
+	return ferrum_lb_translate(skb, src_ep, f, scope);
+}
+
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
@@ -1110,7 +1199,8 @@ int from_pod(struct __sk_buff *skb)
 	struct ferrum_endpoint *src_ep, *dst_ep;
 	struct ferrum_ipcache_key key;
 	struct ferrum_ipcache_value *peer;
-	struct flow f = {}, wire;
+	struct flow f = {};
+	struct wire_tuple wire;
 	void *data, *data_end;
 	struct ethhdr *eth;
 	__u32 initiator;
@@ -1140,17 +1230,15 @@ int from_pod(struct __sk_buff *skb)
 
 	/* Replies of balanced flows are translated back to the frontend; policy judges them by
 	 * the tuple before that (the one their connection is tracked under). */
-	wire = f;
+	wire = (struct wire_tuple){ f.saddr, f.daddr, f.sport, f.dport };
 	initiator = f.saddr;
 	if (lb_proto(&f)) {
 		rc = lb_rev_nat(skb, cfg, &f);
 		if (rc < 0)
 			return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
 		if (f.lb_rev) {
-			if (policy_check(skb, cfg, &wire, wire.saddr) != POLICY_ALLOW)
+			if (policy_check_wire(skb, cfg, &f, &wire) != POLICY_ALLOW)
 				return TC_ACT_SHOT;
-			f.rule_id = wire.rule_id;
-			f.reply = wire.reply;
 			if (rc > 0)
 				return lb_out_uplink(cfg);
 			goto route;
@@ -1199,13 +1287,14 @@ int from_overlay(struct __sk_buff *skb)
 {
 	struct ferrum_config *cfg = config();
 	struct ferrum_endpoint *ep;
-	struct flow f = {}, wire;
+	struct flow f = {};
+	struct wire_tuple wire;
 	int rc;
 
 	if (!cfg || parse_ipv4(skb, &f) < 0)
 		return TC_ACT_OK;
 	/* Replies from a backend on another node to a client balanced on this one. */
-	wire = f;
+	wire = (struct wire_tuple){ f.saddr, f.daddr, f.sport, f.dport };
 	rc = lb_rev_nat(skb, cfg, &f);
 	if (rc < 0)
 		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
@@ -1214,10 +1303,8 @@ int from_overlay(struct __sk_buff *skb)
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
 	if (ep) {
 		/* The destination pod's ingress (on the tuple before any reverse translation). */
-		if (policy_check(skb, cfg, &wire, wire.saddr) != POLICY_ALLOW)
+		if (policy_check_wire(skb, cfg, &f, &wire) != POLICY_ALLOW)
 			return TC_ACT_SHOT;
-		f.rule_id = wire.rule_id;
-		f.reply = wire.reply;
 		return to_endpoint(skb, cfg, ep, &f);
 	}
 	/* The inner destination MAC belongs to the sender's side; make the stack accept it. */
