@@ -443,11 +443,27 @@ impl Datapath {
         for program in Program::ALL {
             let name = program.name();
             let prog = classifier_in(&mut ebpf, program)?;
-            prog.load().map_err(|source| DatapathError::Program {
-                program: name,
-                op: "load it (verifier)".into(),
-                source,
-            })?;
+            // The verifier gives up with EAGAIN when a signal reaches the loading thread;
+            // that says nothing about the program: try again.
+            let mut attempt = 0;
+            loop {
+                match prog.load() {
+                    Err(ProgramError::LoadError { io_error, .. })
+                        if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < 3 =>
+                    {
+                        attempt += 1;
+                        tracing::debug!(program = name, attempt, "verifier interrupted, retrying");
+                    }
+                    other => {
+                        other.map_err(|source| DatapathError::Program {
+                            program: name,
+                            op: "load it (verifier)".into(),
+                            source,
+                        })?;
+                        break;
+                    }
+                }
+            }
         }
         tracing::debug!(pin_dir = %pin_dir.display(), "datapath loaded");
         Ok(Datapath {
