@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -184,8 +185,10 @@ pub struct EndpointPolicy {
     pub node: String,
     pub ip: Ipv4Addr,
     pub identity: Identity,
-    pub ingress: DirectionPolicy,
-    pub egress: DirectionPolicy,
+    /// Shared between the endpoints that compile to the same policy (same identity, same
+    /// named ports), so compiling many pods costs little more than compiling their identities.
+    pub ingress: Arc<DirectionPolicy>,
+    pub egress: Arc<DirectionPolicy>,
 }
 
 impl EndpointPolicy {
@@ -292,6 +295,9 @@ enum PortSpec {
     Named(String, Proto),
 }
 
+/// Namespace -> (its labels, its identities with their pod labels).
+type IdentityIndex = BTreeMap<String, (Labels, Vec<(Identity, Labels)>)>;
+
 /// A rule's peers and ports before it has an id.
 type ParsedRule = (Option<Vec<PeerSpec>>, Option<Vec<PortSpec>>);
 
@@ -327,9 +333,27 @@ impl PolicyState {
     /// Compiles `inputs`. Identities come from `alloc`, so numbers stay stable across calls.
     /// A policy that cannot be compiled is left out and reported in `rejected`.
     pub fn compile(inputs: Inputs<'_>, alloc: &mut IdentityAllocator) -> PolicyState {
+        PolicyState::compile_objects(
+            inputs.namespaces,
+            inputs.pods,
+            inputs.policies,
+            inputs.nodes,
+            alloc,
+        )
+    }
+
+    /// [`PolicyState::compile`] over borrowed objects from anywhere (the agent keeps them in
+    /// maps and need not copy them into slices first).
+    pub fn compile_objects<'a>(
+        namespaces: impl IntoIterator<Item = &'a Namespace>,
+        pod_objects: impl IntoIterator<Item = &'a Pod>,
+        policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+        nodes: impl IntoIterator<Item = &'a Node>,
+        alloc: &mut IdentityAllocator,
+    ) -> PolicyState {
         let mut state = PolicyState::default();
         let mut ns_labels: HashMap<String, Labels> = HashMap::new();
-        for ns in inputs.namespaces {
+        for ns in namespaces {
             let name = ns.metadata.name.clone().unwrap_or_default();
             let mut l = labels_of(&ns.metadata);
             l.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
@@ -341,7 +365,7 @@ impl PolicyState {
                 .cloned()
                 .unwrap_or_else(|| [(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())].into())
         };
-        for node in inputs.nodes {
+        for node in nodes {
             let name = node.metadata.name.clone().unwrap_or_default();
             let addrs = node
                 .status
@@ -354,7 +378,9 @@ impl PolicyState {
 
         // Pods with an address (host-network pods are the node, not endpoints).
         let mut pods: Vec<PodView> = Vec::new();
-        for pod in inputs.pods {
+        // Namespace labels are looked up once per namespace, not once per pod.
+        let mut ns_label_cache: HashMap<String, Labels> = HashMap::new();
+        for pod in pod_objects {
             let spec = pod.spec.as_ref();
             if spec.and_then(|s| s.host_network).unwrap_or(false) {
                 continue;
@@ -373,13 +399,17 @@ impl PolicyState {
                 .clone()
                 .unwrap_or_else(|| "default".into());
             let labels = labels_of(&pod.metadata);
+            let namespace_labels = ns_label_cache
+                .entry(namespace.clone())
+                .or_insert_with(|| ns_labels_of(&namespace))
+                .clone();
             let key = IdentityKey {
                 namespace: namespace.clone(),
-                pod_labels: labels.clone(),
-                namespace_labels: ns_labels_of(&namespace),
+                pod_labels: labels,
+                namespace_labels,
             };
             let identity = alloc.get_or_allocate(&key);
-            state.identities.insert(identity, key);
+            state.identities.entry(identity).or_insert(key);
             let named_ports = spec
                 .into_iter()
                 .flat_map(|s| s.containers.iter())
@@ -403,7 +433,17 @@ impl PolicyState {
                 named_ports,
             });
         }
-        alloc.retain(|k| state.identities.values().any(|v| v == k));
+        let in_use: std::collections::HashSet<&IdentityKey> = state.identities.values().collect();
+        alloc.retain(|k| in_use.contains(k));
+        // Identities by namespace, for resolving peer selectors without scanning them all.
+        let mut index: IdentityIndex = BTreeMap::new();
+        for (id, k) in &state.identities {
+            index
+                .entry(k.namespace.clone())
+                .or_insert_with(|| (k.namespace_labels.clone(), Vec::new()))
+                .1
+                .push((*id, k.pod_labels.clone()));
+        }
 
         // Named ports per identity, for egress rules.
         let mut ports_by_identity: HashMap<Identity, BTreeSet<(String, Proto, u16)>> =
@@ -416,11 +456,11 @@ impl PolicyState {
         }
 
         // Policies, sorted so rule ids do not depend on input order.
-        let mut sorted: Vec<&NetworkPolicy> = inputs.policies.iter().collect();
+        let mut sorted: Vec<&NetworkPolicy> = policies.into_iter().collect();
         sorted.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
         let mut specs: Vec<PolicySpec> = Vec::new();
         for np in sorted {
-            match state.parse_policy(np) {
+            match state.parse_policy(np, &index) {
                 Ok(s) => specs.push(s),
                 Err(e) => {
                     state.rejected.push(e);
@@ -430,34 +470,36 @@ impl PolicyState {
         // Peer selectors were resolved against identities (not pods) while parsing.
         let resolved = specs;
 
-        // Which policies select each identity.
+        // Which policies select each identity (only those of its namespace can).
+        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, s) in resolved.iter().enumerate() {
+            by_namespace
+                .entry(s.namespace.as_str())
+                .or_default()
+                .push(i);
+        }
         let mut selecting: HashMap<Identity, Vec<usize>> = HashMap::new();
         for (id, key) in &state.identities {
-            let v: Vec<usize> = resolved
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| {
-                    s.namespace == key.namespace && s.selector.matches(&key.pod_labels)
-                })
-                .map(|(i, _)| i)
+            let v: Vec<usize> = by_namespace
+                .get(key.namespace.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&i| resolved[i].selector.matches(&key.pod_labels))
                 .collect();
             selecting.insert(*id, v);
         }
+        let selected =
+            |id: Identity| -> &[usize] { selecting.get(&id).map(Vec::as_slice).unwrap_or(&[]) };
 
-        for pod in &pods {
-            let mut ep = EndpointPolicy {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                node: pod.node.clone(),
-                ip: pod.ip,
-                identity: pod.identity,
-                ingress: DirectionPolicy::default(),
-                egress: DirectionPolicy::default(),
-            };
-            for &i in selecting.get(&pod.identity).into_iter().flatten() {
+        // Ingress depends on the pod only through its identity and named ports, egress only
+        // through its identity: each distinct one is compiled once and shared.
+        let ingress_of = |pod: &PodView| -> DirectionPolicy {
+            let mut d = DirectionPolicy::default();
+            for &i in selected(pod.identity) {
                 let spec = &resolved[i];
                 if let Some((iso, rules)) = &spec.ingress {
-                    ep.ingress.isolated_by.push(*iso);
+                    d.isolated_by.push(*iso);
                     for r in rules {
                         let ports = resolve_ports(r.ports.as_deref(), |name, proto| {
                             pod.named_ports
@@ -466,11 +508,18 @@ impl PolicyState {
                                 .map(|(_, _, port)| *port)
                                 .collect()
                         });
-                        push_grants(&mut ep.ingress.grants, r, |_| ports.clone());
+                        push_grants(&mut d.grants, r, |_| ports.clone());
                     }
                 }
+            }
+            d
+        };
+        let egress_of = |identity: Identity| -> DirectionPolicy {
+            let mut d = DirectionPolicy::default();
+            for &i in selected(identity) {
+                let spec = &resolved[i];
                 if let Some((iso, rules)) = &spec.egress {
-                    ep.egress.isolated_by.push(*iso);
+                    d.isolated_by.push(*iso);
                     for r in rules {
                         let has_named = r
                             .ports
@@ -496,7 +545,7 @@ impl PolicyState {
                                 let ports = resolve_ports(r.ports.as_deref(), |name, proto| {
                                     named_in(&mut std::iter::once(*id), name, proto)
                                 });
-                                ep.egress.grants.push(Grant {
+                                d.grants.push(Grant {
                                     rule: r.id,
                                     peer: PeerMatch::Identity(*id),
                                     ports,
@@ -504,14 +553,14 @@ impl PolicyState {
                             }
                             // Numeric ports of the same rule still apply to every peer.
                             let numeric = resolve_ports(r.ports.as_deref(), |_, _| Vec::new());
-                            ep.egress.grants.push(Grant {
+                            d.grants.push(Grant {
                                 rule: r.id,
                                 peer: PeerMatch::Any,
                                 ports: numeric,
                             });
                             continue;
                         }
-                        push_grants(&mut ep.egress.grants, r, |peer| {
+                        push_grants(&mut d.grants, r, |peer| {
                             if !has_named {
                                 return resolve_ports(r.ports.as_deref(), |_, _| Vec::new());
                             }
@@ -535,12 +584,41 @@ impl PolicyState {
                     }
                 }
             }
-            state.endpoints.insert(pod.ip, ep);
+            d
+        };
+        let mut ingress_memo: HashMap<(Identity, &[(String, Proto, u16)]), Arc<DirectionPolicy>> =
+            HashMap::new();
+        let mut egress_memo: HashMap<Identity, Arc<DirectionPolicy>> = HashMap::new();
+        let mut endpoints = BTreeMap::new();
+        for pod in &pods {
+            let ingress = ingress_memo
+                .entry((pod.identity, pod.named_ports.as_slice()))
+                .or_insert_with(|| Arc::new(ingress_of(pod)))
+                .clone();
+            let egress = egress_memo
+                .entry(pod.identity)
+                .or_insert_with(|| Arc::new(egress_of(pod.identity)))
+                .clone();
+            let ep = EndpointPolicy {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                node: pod.node.clone(),
+                ip: pod.ip,
+                identity: pod.identity,
+                ingress,
+                egress,
+            };
+            endpoints.insert(pod.ip, ep);
         }
+        state.endpoints = endpoints;
         state
     }
 
-    fn parse_policy(&mut self, np: &NetworkPolicy) -> Result<PolicySpec, CompileError> {
+    fn parse_policy(
+        &mut self,
+        np: &NetworkPolicy,
+        index: &IdentityIndex,
+    ) -> Result<PolicySpec, CompileError> {
         let namespace = np
             .metadata
             .namespace
@@ -586,7 +664,7 @@ impl PolicyState {
         for (i, r) in spec.ingress.iter().flatten().enumerate() {
             let f = format!("spec.ingress[{i}]");
             ingress.push((
-                self.parse_peers(&namespace, &format!("{f}.from"), r.from.as_deref())
+                parse_peers(index, &namespace, &format!("{f}.from"), r.from.as_deref())
                     .map_err(|(f, m)| err(f, m))?,
                 parse_ports(&format!("{f}.ports"), r.ports.as_deref())
                     .map_err(|(f, m)| err(f, m))?,
@@ -596,7 +674,7 @@ impl PolicyState {
         for (i, r) in spec.egress.iter().flatten().enumerate() {
             let f = format!("spec.egress[{i}]");
             egress.push((
-                self.parse_peers(&namespace, &format!("{f}.to"), r.to.as_deref())
+                parse_peers(index, &namespace, &format!("{f}.to"), r.to.as_deref())
                     .map_err(|(f, m)| err(f, m))?,
                 parse_ports(&format!("{f}.ports"), r.ports.as_deref())
                     .map_err(|(f, m)| err(f, m))?,
@@ -636,73 +714,6 @@ impl PolicyState {
             rule,
         });
         self.rules.len() as u32
-    }
-
-    fn parse_peers(
-        &self,
-        policy_ns: &str,
-        field: &str,
-        peers: Option<&[NetworkPolicyPeer]>,
-    ) -> Result<Option<Vec<PeerSpec>>, (String, String)> {
-        let Some(peers) = peers.filter(|p| !p.is_empty()) else {
-            return Ok(None);
-        };
-        let mut out = Vec::new();
-        for (j, peer) in peers.iter().enumerate() {
-            let f = format!("{field}[{j}]");
-            if let Some(block) = &peer.ip_block {
-                let cidr: Ipv4Net = block.cidr.parse().map_err(|_| {
-                    (
-                        format!("{f}.ipBlock.cidr"),
-                        format!("{:?} is not an IPv4 CIDR", block.cidr),
-                    )
-                })?;
-                let cidr = cidr.trunc();
-                let mut except = Vec::new();
-                for (k, e) in block.except.iter().flatten().enumerate() {
-                    let ef = format!("{f}.ipBlock.except[{k}]");
-                    let e: Ipv4Net = e
-                        .parse()
-                        .map_err(|_| (ef.clone(), format!("{e:?} is not an IPv4 CIDR")))?;
-                    let e = e.trunc();
-                    if !(cidr.contains(&e) && e.prefix_len() > cidr.prefix_len()) {
-                        return Err((ef, format!("{e} must be strictly within {cidr}")));
-                    }
-                    except.push(e);
-                }
-                out.push(PeerSpec::Cidr { cidr, except });
-                continue;
-            }
-            let pod_sel = peer
-                .pod_selector
-                .as_ref()
-                .map(|s| Selector::parse(&format!("{f}.podSelector"), s))
-                .transpose()
-                .map_err(|e| (e.field, e.message))?;
-            let ns_sel = peer
-                .namespace_selector
-                .as_ref()
-                .map(|s| Selector::parse(&format!("{f}.namespaceSelector"), s))
-                .transpose()
-                .map_err(|e| (e.field, e.message))?;
-            if pod_sel.is_none() && ns_sel.is_none() {
-                return Err((f, "needs podSelector, namespaceSelector or ipBlock".into()));
-            }
-            let ids = self
-                .identities
-                .iter()
-                .filter(|(_, k)| {
-                    let ns_ok = match &ns_sel {
-                        Some(s) => s.matches(&k.namespace_labels),
-                        None => k.namespace == policy_ns,
-                    };
-                    ns_ok && pod_sel.as_ref().is_none_or(|s| s.matches(&k.pod_labels))
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            out.push(PeerSpec::Selected(ids));
-        }
-        Ok(Some(out))
     }
 
     /// The peer's identity as the datapath of `node` sees it.
@@ -768,6 +779,72 @@ impl PolicyState {
             .values()
             .find(|e| e.namespace == namespace && e.name == name)
     }
+}
+
+fn parse_peers(
+    index: &IdentityIndex,
+    policy_ns: &str,
+    field: &str,
+    peers: Option<&[NetworkPolicyPeer]>,
+) -> Result<Option<Vec<PeerSpec>>, (String, String)> {
+    let Some(peers) = peers.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for (j, peer) in peers.iter().enumerate() {
+        let f = format!("{field}[{j}]");
+        if let Some(block) = &peer.ip_block {
+            let cidr: Ipv4Net = block.cidr.parse().map_err(|_| {
+                (
+                    format!("{f}.ipBlock.cidr"),
+                    format!("{:?} is not an IPv4 CIDR", block.cidr),
+                )
+            })?;
+            let cidr = cidr.trunc();
+            let mut except = Vec::new();
+            for (k, e) in block.except.iter().flatten().enumerate() {
+                let ef = format!("{f}.ipBlock.except[{k}]");
+                let e: Ipv4Net = e
+                    .parse()
+                    .map_err(|_| (ef.clone(), format!("{e:?} is not an IPv4 CIDR")))?;
+                let e = e.trunc();
+                if !(cidr.contains(&e) && e.prefix_len() > cidr.prefix_len()) {
+                    return Err((ef, format!("{e} must be strictly within {cidr}")));
+                }
+                except.push(e);
+            }
+            out.push(PeerSpec::Cidr { cidr, except });
+            continue;
+        }
+        let pod_sel = peer
+            .pod_selector
+            .as_ref()
+            .map(|s| Selector::parse(&format!("{f}.podSelector"), s))
+            .transpose()
+            .map_err(|e| (e.field, e.message))?;
+        let ns_sel = peer
+            .namespace_selector
+            .as_ref()
+            .map(|s| Selector::parse(&format!("{f}.namespaceSelector"), s))
+            .transpose()
+            .map_err(|e| (e.field, e.message))?;
+        if pod_sel.is_none() && ns_sel.is_none() {
+            return Err((f, "needs podSelector, namespaceSelector or ipBlock".into()));
+        }
+        // Namespaces first (a handful), then the identities of those that match.
+        let namespaces: Vec<&(Labels, Vec<(Identity, Labels)>)> = match &ns_sel {
+            Some(s) => index.values().filter(|(l, _)| s.matches(l)).collect(),
+            None => index.get(policy_ns).into_iter().collect(),
+        };
+        let ids = namespaces
+            .into_iter()
+            .flat_map(|(_, ids)| ids)
+            .filter(|(_, l)| pod_sel.as_ref().is_none_or(|s| s.matches(l)))
+            .map(|(id, _)| *id)
+            .collect();
+        out.push(PeerSpec::Selected(ids));
+    }
+    Ok(Some(out))
 }
 
 fn parse_ports(
