@@ -6,10 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ferrum_datapath::bpf::{POLICY_CIDR_KEY_LEN, POLICY_KEY_LEN, PolicyEndpoint, PolicyMapsDump};
 use ferrum_model::{Object, WatchEvent};
-use ferrum_policy::lower::NodeMaps;
+use ferrum_policy::compile::{DirectionPolicy, EndpointPolicy};
+use ferrum_policy::lower::{NodeMaps, lower_endpoint};
 use ferrum_policy::{IdentityAllocator, Inputs, PolicyState};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -293,12 +295,66 @@ pub struct PolicyStats {
     pub generation: Option<u32>,
 }
 
+/// One endpoint's entries as last written, with the policy they were lowered from.
+#[derive(Debug, Clone)]
+struct AppliedEndpoint {
+    ingress: Arc<DirectionPolicy>,
+    egress: Arc<DirectionPolicy>,
+    /// The endpoint's part of the maps (`identities` empty).
+    maps: PolicyMapsDump,
+}
+
+impl AppliedEndpoint {
+    fn lower(ep: &EndpointPolicy) -> Self {
+        AppliedEndpoint {
+            ingress: ep.ingress.clone(),
+            egress: ep.egress.clone(),
+            maps: dump_of(&lower_endpoint(ep)),
+        }
+    }
+
+    /// Lowering depends on nothing else of the endpoint (its address is the key).
+    fn unchanged(&self, ep: &EndpointPolicy) -> bool {
+        let same = |a: &Arc<DirectionPolicy>, b: &Arc<DirectionPolicy>| Arc::ptr_eq(a, b) || a == b;
+        same(&self.ingress, &ep.ingress) && same(&self.egress, &ep.egress)
+    }
+}
+
+/// What the maps of the node hold, as last written by us.
+#[derive(Debug, Clone)]
+struct Applied {
+    node: String,
+    identities: Vec<(u32, [u8; 4], u32)>,
+    endpoints: BTreeMap<Ipv4Addr, AppliedEndpoint>,
+}
+
 /// Keeps the identity allocator and the last state written, so a reconciliation reads the
-/// kernel only after a restart or a failure.
+/// kernel only after a restart or a failure, and lowers and diffs only the endpoints whose
+/// policy changed (an endpoint's entries depend on nothing else; see `lower_endpoint`).
 #[derive(Debug, Default)]
 pub struct PolicyReconciler {
     alloc: IdentityAllocator,
-    applied: Option<PolicyMapsDump>,
+    applied: Option<Applied>,
+}
+
+/// Puts the endpoint parts together (the lists sorted, as a dump of ours is).
+fn merge_parts<'a>(
+    identities: Vec<(u32, [u8; 4], u32)>,
+    parts: impl Iterator<Item = &'a PolicyMapsDump>,
+) -> PolicyMapsDump {
+    let mut out = PolicyMapsDump {
+        identities,
+        ..PolicyMapsDump::default()
+    };
+    for p in parts {
+        out.endpoints.extend(p.endpoints.iter().copied());
+        out.cidr_classes.extend(p.cidr_classes.iter().copied());
+        out.rules.extend(p.rules.iter().copied());
+    }
+    out.endpoints.sort_by_key(|e| e.0);
+    out.cidr_classes.sort();
+    out.rules.sort();
+    out
 }
 
 impl PolicyReconciler {
@@ -311,12 +367,51 @@ impl PolicyReconciler {
         node: &str,
     ) -> anyhow::Result<(PolicyState, PolicyStats)> {
         let state = table.compile(&mut self.alloc);
-        let desired = dump_of(&state.lower(node));
-        let current = match self.applied.take() {
-            Some(c) => c,
-            None => dp.policy_maps()?,
+        let identities = state.lower_ipcache(node).entries();
+        let local = state.endpoints.values().filter(|e| e.node == node);
+        let (ops, applied) = match self.applied.take().filter(|a| a.node == node) {
+            Some(mut applied) => {
+                // Only the endpoints that came, went or changed policy take part in the diff:
+                // their keys are theirs alone, so the rest would diff to nothing.
+                let (mut before, mut after) = (Vec::new(), Vec::new());
+                let mut endpoints = BTreeMap::new();
+                for ep in local {
+                    match applied.endpoints.remove(&ep.ip) {
+                        Some(old) if old.unchanged(ep) => {
+                            endpoints.insert(ep.ip, old);
+                        }
+                        old => {
+                            let new = AppliedEndpoint::lower(ep);
+                            before.extend(old.map(|o| o.maps));
+                            after.push(new.maps.clone());
+                            endpoints.insert(ep.ip, new);
+                        }
+                    }
+                }
+                before.extend(applied.endpoints.into_values().map(|o| o.maps));
+                let current = merge_parts(applied.identities, before.iter());
+                let desired = merge_parts(identities.clone(), after.iter());
+                let applied = Applied {
+                    node: node.to_string(),
+                    identities,
+                    endpoints,
+                };
+                (diff(&current, &desired), applied)
+            }
+            None => {
+                let endpoints: BTreeMap<Ipv4Addr, AppliedEndpoint> = local
+                    .map(|ep| (ep.ip, AppliedEndpoint::lower(ep)))
+                    .collect();
+                let desired = merge_parts(identities.clone(), endpoints.values().map(|e| &e.maps));
+                let current = dp.policy_maps()?;
+                let applied = Applied {
+                    node: node.to_string(),
+                    identities,
+                    endpoints,
+                };
+                (diff(&current, &desired), applied)
+            }
         };
-        let ops = diff(&current, &desired);
         let mut stats = PolicyStats::default();
         for op in &ops {
             // On failure `applied` stays empty: the next run starts from the kernel's maps.
@@ -337,7 +432,7 @@ impl PolicyReconciler {
         if !ops.is_empty() {
             stats.generation = Some(dp.bump_policy_generation()?);
         }
-        self.applied = Some(desired);
+        self.applied = Some(applied);
         Ok((state, stats))
     }
 }

@@ -234,9 +234,46 @@ fn lower_direction(maps: &mut NodeMaps, ep: &EndpointPolicy, dir: Direction, nex
     }
 }
 
+/// The entries of one endpoint (its config, CIDR classes and allow rules; no ipcache). Every
+/// key starts with the endpoint's address and its CIDR classes are numbered on their own, so
+/// a node's maps are the union of its endpoints' and an endpoint whose policy did not change
+/// keeps exactly the same entries.
+pub fn lower_endpoint(ep: &EndpointPolicy) -> NodeMaps {
+    let mut maps = NodeMaps::default();
+    add_endpoint(&mut maps, ep);
+    maps
+}
+
+fn add_endpoint(maps: &mut NodeMaps, ep: &EndpointPolicy) {
+    maps.endpoints.insert(
+        ep.ip,
+        EndpointConfig {
+            ingress_deny_rule: ep.ingress.isolated_by.first().copied().unwrap_or(0),
+            egress_deny_rule: ep.egress.isolated_by.first().copied().unwrap_or(0),
+        },
+    );
+    // Classes are scoped by the (endpoint, direction) in both keys, so numbering them per
+    // endpoint is enough and keeps one endpoint's change from renumbering the others.
+    let mut next_class = Identity::FIRST_CIDR_CLASS;
+    lower_direction(maps, ep, Direction::Ingress, &mut next_class);
+    lower_direction(maps, ep, Direction::Egress, &mut next_class);
+}
+
 impl PolicyState {
     /// The maps of `node`: its endpoints' policies and the cluster-wide ipcache.
     pub fn lower(&self, node: &str) -> NodeMaps {
+        let mut maps = NodeMaps {
+            ipcache: self.lower_ipcache(node),
+            ..NodeMaps::default()
+        };
+        for ep in self.endpoints.values().filter(|e| e.node == node) {
+            add_endpoint(&mut maps, ep);
+        }
+        maps
+    }
+
+    /// The ipcache of `node`: every pod, this node as `HOST`, the others as `REMOTE_NODE`.
+    pub fn lower_ipcache(&self, node: &str) -> Lpm<4> {
         let mut maps = NodeMaps::default();
         for (ip, id) in &self.pod_identities {
             maps.ipcache.insert(32, ip.octets(), id.0);
@@ -251,19 +288,7 @@ impl PolicyState {
                 maps.ipcache.insert(32, a.octets(), id.0);
             }
         }
-        let mut next_class = Identity::FIRST_CIDR_CLASS;
-        for ep in self.endpoints.values().filter(|e| e.node == node) {
-            maps.endpoints.insert(
-                ep.ip,
-                EndpointConfig {
-                    ingress_deny_rule: ep.ingress.isolated_by.first().copied().unwrap_or(0),
-                    egress_deny_rule: ep.egress.isolated_by.first().copied().unwrap_or(0),
-                },
-            );
-            lower_direction(&mut maps, ep, Direction::Ingress, &mut next_class);
-            lower_direction(&mut maps, ep, Direction::Egress, &mut next_class);
-        }
-        maps
+        maps.ipcache
     }
 }
 
