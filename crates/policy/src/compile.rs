@@ -255,6 +255,9 @@ pub struct Inputs<'a> {
     pub nodes: &'a [Node],
 }
 
+/// A container port's (name, protocol, port).
+type NamedPort = (String, Proto, u16);
+
 /// A pod as the compiler sees it.
 #[derive(Debug, Clone)]
 struct PodView {
@@ -263,8 +266,7 @@ struct PodView {
     node: String,
     ip: Ipv4Addr,
     identity: Identity,
-    /// (name, protocol, port)
-    named_ports: Vec<(String, Proto, u16)>,
+    named_ports: Vec<NamedPort>,
 }
 
 /// The compiled state: one source for the datapath maps and for `trace`.
@@ -586,7 +588,7 @@ impl PolicyState {
             }
             d
         };
-        let mut ingress_memo: HashMap<(Identity, &[(String, Proto, u16)]), Arc<DirectionPolicy>> =
+        let mut ingress_memo: HashMap<(Identity, &[NamedPort]), Arc<DirectionPolicy>> =
             HashMap::new();
         let mut egress_memo: HashMap<Identity, Arc<DirectionPolicy>> = HashMap::new();
         let mut endpoints = BTreeMap::new();

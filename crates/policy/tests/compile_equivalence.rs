@@ -31,9 +31,7 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
 fn cluster(team_y: &str, specs: &[PodSpec]) -> (Vec<Namespace>, Vec<Pod>, Vec<Node>) {
     // z has pods but no Namespace object (it gets only the name label).
     let namespaces = vec![
-        yaml(&format!(
-            "metadata: {{name: x, labels: {{ns: x, team: t1}}}}"
-        )),
+        yaml("metadata: {name: x, labels: {ns: x, team: t1}}"),
         yaml(&format!(
             "metadata: {{name: y, labels: {{ns: y, team: {team_y}}}}}"
         )),
