@@ -12,7 +12,7 @@ use ferrum_datapath::bpf::{POLICY_CIDR_KEY_LEN, POLICY_KEY_LEN, PolicyEndpoint, 
 use ferrum_model::{Object, WatchEvent};
 use ferrum_policy::compile::{DirectionPolicy, EndpointPolicy};
 use ferrum_policy::lower::{NodeMaps, lower_endpoint};
-use ferrum_policy::{IdentityAllocator, Inputs, PolicyState};
+use ferrum_policy::{IdentityAllocator, Inputs, PolicyState, RuleAllocator};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -98,15 +98,16 @@ impl PolicyTable {
         self.dirty |= changed;
     }
 
-    /// Compiles everything (identities stay stable through `alloc`), reading the objects in
-    /// place.
-    pub fn compile(&self, alloc: &mut IdentityAllocator) -> PolicyState {
+    /// Compiles everything (identities and rule ids stay stable through `alloc` and `rules`),
+    /// reading the objects in place.
+    pub fn compile(&self, alloc: &mut IdentityAllocator, rules: &mut RuleAllocator) -> PolicyState {
         PolicyState::compile_objects(
             self.current.namespaces.values(),
             self.current.pods.values(),
             self.current.policies.values(),
             self.current.nodes.values(),
             alloc,
+            rules,
         )
     }
 
@@ -121,7 +122,7 @@ impl PolicyTable {
     }
 
     /// Compiles from copies of the objects through [`Inputs`], the way `ferrum policy trace`
-    /// does: the reference the in-place compile must equal.
+    /// does (rule ids numbered afresh).
     pub fn compile_from_scratch(&self, alloc: &mut IdentityAllocator) -> PolicyState {
         let (namespaces, pods, policies, nodes) = self.objects();
         PolicyState::compile(
@@ -334,6 +335,7 @@ struct Applied {
 #[derive(Debug, Default)]
 pub struct PolicyReconciler {
     alloc: IdentityAllocator,
+    rules: RuleAllocator,
     applied: Option<Applied>,
 }
 
@@ -366,7 +368,7 @@ impl PolicyReconciler {
         table: &PolicyTable,
         node: &str,
     ) -> anyhow::Result<(PolicyState, PolicyStats)> {
-        let state = table.compile(&mut self.alloc);
+        let state = table.compile(&mut self.alloc, &mut self.rules);
         let identities = state.lower_ipcache(node).entries();
         let local = state.endpoints.values().filter(|e| e.node == node);
         let (ops, applied) = match self.applied.take().filter(|a| a.node == node) {
@@ -472,6 +474,7 @@ impl PolicyDataplane for crate::kernel::KernelDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrum_policy::Direction;
 
     /// The policy maps in memory, written op by op.
     #[derive(Default)]
@@ -624,13 +627,65 @@ mod tests {
     }
 
     #[test]
+    fn adding_a_policy_writes_only_the_entries_of_the_pods_it_selects() {
+        let mut table = PolicyTable::default();
+        table.apply(&upsert(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        ));
+        table.apply(&pod("a", "a", "n1", "10.1.0.5"));
+        table.apply(&pod("b", "b", "n1", "10.1.0.6"));
+        table.apply(&pod("c", "c", "n1", "10.1.0.7"));
+        table.apply(&upsert(POLICY));
+        let mut dp = MemPolicy::default();
+        let mut rec = PolicyReconciler::default();
+        rec.reconcile(&mut dp, &table, "n1").expect("reconcile");
+        let before = dp.maps.clone();
+        // Sorts before b-from-a: with rule ids numbered in name order, b's entries would be
+        // renumbered and rewritten too.
+        table.apply(&upsert(
+            &POLICY
+                .replace("b-from-a", "a-c-from-a")
+                .replace("app: b", "app: c"),
+        ));
+        dp.ops.clear();
+        let (state, stats) = rec.reconcile(&mut dp, &table, "n1").expect("reconcile");
+        let c = Ipv4Addr::new(10, 1, 0, 7);
+        assert!(stats.writes > 0);
+        for op in &dp.ops {
+            let endpoint = match op {
+                PolicyOp::Rule(_, d, _) => Ipv4Addr::new(d[0], d[1], d[2], d[3]),
+                PolicyOp::Cidr(_, d, _) => Ipv4Addr::new(d[0], d[1], d[2], d[3]),
+                PolicyOp::Endpoint(ip, _) => *ip,
+                PolicyOp::Identity(..) => panic!("identities unchanged: {op:?}"),
+            };
+            assert_eq!(endpoint, c, "only c's entries: {:?}", dp.ops);
+        }
+        let b = Ipv4Addr::new(10, 1, 0, 6);
+        let b_rules = |m: &PolicyMapsDump| -> Vec<(u32, [u8; POLICY_KEY_LEN], u32)> {
+            m.rules
+                .iter()
+                .filter(|r| r.1[..4] == b.octets())
+                .copied()
+                .collect()
+        };
+        assert_eq!(b_rules(&dp.maps), b_rules(&before));
+        // The names are still right for both.
+        let isolating = |ip: Ipv4Addr| state.endpoints[&ip].ingress.isolated_by[0];
+        assert_eq!(state.rule(isolating(b)).expect("named").policy, "b-from-a");
+        assert_eq!(
+            state.rule(isolating(c)).expect("named").policy,
+            "a-c-from-a"
+        );
+    }
+
+    #[test]
     fn a_relist_replaces_the_objects() {
         let mut table = PolicyTable::default();
         table.apply(&pod("a", "a", "n1", "10.1.0.5"));
         table.apply(&WatchEvent::Relist);
         table.apply(&pod("b", "b", "n1", "10.1.0.6"));
         table.apply(&WatchEvent::Synced { revision: 2 });
-        let state = table.compile(&mut IdentityAllocator::new());
+        let state = table.compile(&mut IdentityAllocator::new(), &mut RuleAllocator::new());
         assert_eq!(state.pod_identities.len(), 1);
     }
 
@@ -784,9 +839,27 @@ mod tests {
             for c in &changes {
                 table.apply(&event(c));
                 let (state, _) = rec.reconcile(&mut dp, &table, "n0").expect("reconcile");
-                // The allocator now holds exactly the identities in use, so a from-scratch
-                // compile with a copy of it numbers them the same.
-                let want = table.compile_from_scratch(&mut rec.alloc.clone());
+                // The allocators now hold exactly the identities and rules in use, so a
+                // from-scratch compile with copies of them numbers everything the same.
+                let (namespaces, pods, policies, nodes) = table.objects();
+                let want = PolicyState::compile_objects(
+                    &namespaces, &pods, &policies, &nodes,
+                    &mut rec.alloc.clone(), &mut rec.rules.clone(),
+                );
+                // ... and one numbered afresh (as `ferrum policy trace` compiles) names the
+                // same policies and rules for every endpoint and direction.
+                let fresh = table.compile_from_scratch(&mut rec.alloc.clone());
+                for (ip, ep) in &state.endpoints {
+                    for d in [Direction::Ingress, Direction::Egress] {
+                        let names = |s: &PolicyState, e: &EndpointPolicy| -> Vec<String> {
+                            let dp = e.direction(d);
+                            dp.isolated_by.iter().chain(dp.grants.iter().map(|g| &g.rule))
+                                .map(|r| s.rule(*r).expect("rule named").to_string())
+                                .collect()
+                        };
+                        proptest::prop_assert_eq!(names(&state, ep), names(&fresh, &fresh.endpoints[ip]));
+                    }
+                }
                 proptest::prop_assert_eq!(
                     serde_json::to_value(&state).expect("json"),
                     serde_json::to_value(&want).expect("json")
@@ -797,7 +870,11 @@ mod tests {
             // A restarted agent diffs against the kernel's (unsorted) dump; its fresh allocator
             // may number identities differently, so compare with a compile numbered the same.
             PolicyReconciler::default().reconcile(&mut dp, &table, "n0").expect("reconcile");
-            let fresh = table.compile_from_scratch(&mut IdentityAllocator::new());
+            let (namespaces, pods, policies, nodes) = table.objects();
+            let fresh = PolicyState::compile_objects(
+                &namespaces, &pods, &policies, &nodes,
+                &mut IdentityAllocator::new(), &mut RuleAllocator::new(),
+            );
             proptest::prop_assert_eq!(&dp.maps, &dump_of(&fresh.lower("n0")));
         }
     }

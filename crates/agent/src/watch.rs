@@ -321,9 +321,9 @@ pub fn realize_policy<D: crate::policy::PolicyDataplane>(
     }
     if let Some(observer) = observer {
         let mut dir = observer.directory_mut();
-        dir.replace_policy_rules(state.rules.iter().enumerate().map(|(i, r)| {
+        dir.replace_policy_rules(state.rules.iter().map(|(id, r)| {
             (
-                i as u32 + 1,
+                *id,
                 ferrum_flow::PolicyRef {
                     name: r.policy.clone(),
                     namespace: r.namespace.clone(),

@@ -226,6 +226,45 @@ impl fmt::Display for RuleInfo {
     }
 }
 
+/// Hands out rule ids, stable across recompiles: a rule (namespace, policy, direction, index)
+/// keeps its number while its policy exists, so adding or removing a policy rewrites only the
+/// map entries of its own rules. A number is not handed out again (a stale entry never names
+/// another rule); a fresh allocator numbers in policy name order from 1.
+#[derive(Debug, Clone, Default)]
+pub struct RuleAllocator {
+    by_rule: HashMap<RuleInfo, u32>,
+    next: u32,
+}
+
+impl RuleAllocator {
+    pub fn new() -> Self {
+        RuleAllocator::default()
+    }
+
+    pub fn get_or_allocate(&mut self, rule: &RuleInfo) -> u32 {
+        if let Some(id) = self.by_rule.get(rule) {
+            return *id;
+        }
+        // 0 means "no rule" in the maps.
+        self.next = self.next.checked_add(1).unwrap_or(1).max(1);
+        self.by_rule.insert(rule.clone(), self.next);
+        self.next
+    }
+
+    /// Forgets every rule `in_use` does not hold.
+    pub fn retain(&mut self, in_use: &BTreeMap<u32, RuleInfo>) {
+        self.by_rule.retain(|_, id| in_use.contains_key(id));
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_rule.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_rule.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Reason {
     /// No policy selects the endpoint for this direction.
@@ -272,8 +311,8 @@ struct PodView {
 /// The compiled state: one source for the datapath maps and for `trace`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PolicyState {
-    /// Rule id - 1 indexes this.
-    pub rules: Vec<RuleInfo>,
+    /// Rule id -> what it stands for.
+    pub rules: BTreeMap<u32, RuleInfo>,
     pub identities: BTreeMap<Identity, IdentityKey>,
     pub endpoints: BTreeMap<Ipv4Addr, EndpointPolicy>,
     /// Node name -> its addresses.
@@ -332,8 +371,9 @@ fn parse_ipv4(s: &str) -> Option<Ipv4Addr> {
 }
 
 impl PolicyState {
-    /// Compiles `inputs`. Identities come from `alloc`, so numbers stay stable across calls.
-    /// A policy that cannot be compiled is left out and reported in `rejected`.
+    /// Compiles `inputs`. Identities come from `alloc`, so numbers stay stable across calls;
+    /// rule ids are numbered afresh, in policy name order. A policy that cannot be compiled is
+    /// left out and reported in `rejected`.
     pub fn compile(inputs: Inputs<'_>, alloc: &mut IdentityAllocator) -> PolicyState {
         PolicyState::compile_objects(
             inputs.namespaces,
@@ -341,17 +381,20 @@ impl PolicyState {
             inputs.policies,
             inputs.nodes,
             alloc,
+            &mut RuleAllocator::new(),
         )
     }
 
     /// [`PolicyState::compile`] over borrowed objects from anywhere (the agent keeps them in
-    /// maps and need not copy them into slices first).
+    /// maps and need not copy them into slices first), with rule ids from `rules` (stable
+    /// across calls, like identities).
     pub fn compile_objects<'a>(
         namespaces: impl IntoIterator<Item = &'a Namespace>,
         pod_objects: impl IntoIterator<Item = &'a Pod>,
         policies: impl IntoIterator<Item = &'a NetworkPolicy>,
         nodes: impl IntoIterator<Item = &'a Node>,
         alloc: &mut IdentityAllocator,
+        rules: &mut RuleAllocator,
     ) -> PolicyState {
         let mut state = PolicyState::default();
         let mut ns_labels: HashMap<String, Labels> = HashMap::new();
@@ -462,13 +505,14 @@ impl PolicyState {
         sorted.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
         let mut specs: Vec<PolicySpec> = Vec::new();
         for np in sorted {
-            match state.parse_policy(np, &index) {
+            match state.parse_policy(np, &index, rules) {
                 Ok(s) => specs.push(s),
                 Err(e) => {
                     state.rejected.push(e);
                 }
             }
         }
+        rules.retain(&state.rules);
         // Peer selectors were resolved against identities (not pods) while parsing.
         let resolved = specs;
 
@@ -620,6 +664,7 @@ impl PolicyState {
         &mut self,
         np: &NetworkPolicy,
         index: &IdentityIndex,
+        rule_ids: &mut RuleAllocator,
     ) -> Result<PolicySpec, CompileError> {
         let namespace = np
             .metadata
@@ -686,12 +731,12 @@ impl PolicyState {
             if !on {
                 return None;
             }
-            let iso = self.add_rule(&namespace, &name, dir, None);
+            let iso = self.add_rule(rule_ids, &namespace, &name, dir, None);
             let rules = rules
                 .into_iter()
                 .enumerate()
                 .map(|(i, (peers, ports))| RuleSpec {
-                    id: self.add_rule(&namespace, &name, dir, Some(i)),
+                    id: self.add_rule(rule_ids, &namespace, &name, dir, Some(i)),
                     peers,
                     ports,
                 })
@@ -708,14 +753,23 @@ impl PolicyState {
         })
     }
 
-    fn add_rule(&mut self, ns: &str, name: &str, direction: Direction, rule: Option<usize>) -> u32 {
-        self.rules.push(RuleInfo {
+    fn add_rule(
+        &mut self,
+        ids: &mut RuleAllocator,
+        ns: &str,
+        name: &str,
+        direction: Direction,
+        rule: Option<usize>,
+    ) -> u32 {
+        let info = RuleInfo {
             namespace: ns.into(),
             policy: name.into(),
             direction,
             rule,
-        });
-        self.rules.len() as u32
+        };
+        let id = ids.get_or_allocate(&info);
+        self.rules.insert(id, info);
+        id
     }
 
     /// The peer's identity as the datapath of `node` sees it.
@@ -773,7 +827,7 @@ impl PolicyState {
     }
 
     pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
-        self.rules.get((id as usize).checked_sub(1)?)
+        self.rules.get(&id)
     }
 
     pub fn endpoint_by_name(&self, namespace: &str, name: &str) -> Option<&EndpointPolicy> {

@@ -20,6 +20,6 @@ pub mod selector;
 pub mod trace;
 
 pub use compile::{
-    CompileError, Decision, Direction, Inputs, PolicyState, Proto, Reason, RuleInfo,
+    CompileError, Decision, Direction, Inputs, PolicyState, Proto, Reason, RuleAllocator, RuleInfo,
 };
 pub use identity::{Identity, IdentityAllocator};

@@ -5,7 +5,7 @@
 
 mod reference;
 
-use ferrum_policy::{IdentityAllocator, Inputs, PolicyState};
+use ferrum_policy::{IdentityAllocator, Inputs, PolicyState, RuleAllocator};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use proptest::prelude::*;
@@ -176,15 +176,22 @@ proptest! {
             reference::Inputs { namespaces: &namespaces, pods: &pods, policies: &policies, nodes: &nodes },
             &mut IdentityAllocator::new(),
         );
-        prop_assert_eq!(
-            serde_json::to_value(&got).expect("serializable"),
-            serde_json::to_value(&want).expect("serializable")
-        );
+        // The reference numbers rules 1.. in policy name order (a list); a fresh allocator must
+        // hand out the same numbers.
+        let mut want_json = serde_json::to_value(&want).expect("serializable");
+        let numbered: serde_json::Map<String, serde_json::Value> = want
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((i + 1).to_string(), serde_json::to_value(r).expect("serializable")))
+            .collect();
+        want_json["rules"] = numbered.into();
+        prop_assert_eq!(serde_json::to_value(&got).expect("serializable"), want_json);
         let got_rejected: Vec<String> = got.rejected.iter().map(|e| e.to_string()).collect();
         let want_rejected: Vec<String> = want.rejected.iter().map(|e| e.to_string()).collect();
         prop_assert_eq!(got_rejected, want_rejected);
         // Borrowed objects compile the same as slices.
-        let borrowed = PolicyState::compile_objects(&namespaces, &pods, &policies, &nodes, &mut IdentityAllocator::new());
+        let borrowed = PolicyState::compile_objects(&namespaces, &pods, &policies, &nodes, &mut IdentityAllocator::new(), &mut RuleAllocator::new());
         prop_assert_eq!(serde_json::to_value(&borrowed).expect("serializable"), serde_json::to_value(&got).expect("serializable"));
         // Every pod with its own address is an endpoint (host-network pods are not).
         let pod_ips = got.pod_identities.keys().filter(|ip| ip.octets()[..2] == [10, 244]).count();
