@@ -243,22 +243,7 @@ pub fn realize<D: Dataplane>(
     }
     // Pods already in the stored block keep their routes even while the block is unconfirmed.
     let desired = desired_ipcache(id.ip, state.store.pool().block(), &id.name, nodes);
-    let actual = state.dataplane.ipcache()?;
-    let changes = diff(&desired, &actual);
-    for prefix in &changes.removes {
-        state.dataplane.remove_ipcache(*prefix)?;
-    }
-    for (prefix, entry) in &changes.upserts {
-        state.dataplane.upsert_ipcache(*prefix, entry)?;
-    }
-    if !changes.is_empty() {
-        tracing::info!(
-            upserts = changes.upserts.len(),
-            removes = changes.removes.len(),
-            "ipcache reconciled"
-        );
-    }
-    Ok(())
+    reconcile_ipcache(state, &desired)
 }
 
 /// Compiles the Services for this node and reconciles the load-balancer maps, when anything
