@@ -759,13 +759,6 @@ __attribute__((noinline)) int ferrum_policy_check(struct __sk_buff *skb, struct 
 	return policy_check_inline(skb, cfg, f, initiator);
 }
 
-static __always_inline int policy_check(struct __sk_buff *skb, const struct ferrum_config *cfg,
-					struct flow *f, __u32 initiator)
-{
-	(void)cfg;
-	return ferrum_policy_check(skb, f, initiator);
-}
-
 /* Policy for a reply that lb_rev_nat has just translated back to the frontend: judged on the
  * tuple it had before (the one its connection is tracked under), saved in `wire`. */
 struct wire_tuple {
@@ -775,8 +768,8 @@ struct wire_tuple {
 	__u16 dport;
 };
 
-static __always_inline int policy_check_wire(struct __sk_buff *skb, const struct ferrum_config *cfg,
-					     struct flow *f, const struct wire_tuple *wire)
+static __always_inline int policy_check_wire(struct __sk_buff *skb, struct flow *f,
+					     const struct wire_tuple *wire)
 {
 	struct wire_tuple now = { f->saddr, f->daddr, f->sport, f->dport };
 	int rc;
@@ -785,7 +778,7 @@ static __always_inline int policy_check_wire(struct __sk_buff *skb, const struct
 	f->daddr = wire->daddr;
 	f->sport = wire->sport;
 	f->dport = wire->dport;
-	rc = policy_check(skb, cfg, f, wire->saddr);
+	rc = ferrum_policy_check(skb, f, wire->saddr);
 	f->saddr = now.saddr;
 	f->daddr = now.daddr;
 	f->sport = now.sport;
@@ -1183,14 +1176,6 @@ __attribute__((noinline)) int ferrum_lb_translate(struct __sk_buff *skb,
 	return lb_translate_inline(skb, cfg, src_ep, f, scope);
 }
 
-static __always_inline int lb_translate(struct __sk_buff *skb, const struct ferrum_config *cfg,
-					const struct ferrum_endpoint *src_ep, struct flow *f,
-					__u8 scope)
-{
-	(void)cfg;
-	return ferrum_lb_translate(skb, src_ep, f, scope);
-}
-
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
@@ -1237,19 +1222,19 @@ int from_pod(struct __sk_buff *skb)
 		if (rc < 0)
 			return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
 		if (f.lb_rev) {
-			if (policy_check_wire(skb, cfg, &f, &wire) != POLICY_ALLOW)
+			if (policy_check_wire(skb, &f, &wire) != POLICY_ALLOW)
 				return TC_ACT_SHOT;
 			if (rc > 0)
 				return lb_out_uplink(cfg);
 			goto route;
 		}
 		/* Requests to a frontend: policy and routing see the backend as the destination. */
-		rc = lb_translate(skb, cfg, src_ep, &f, FERRUM_LB_SCOPE_INTERNAL);
+		rc = ferrum_lb_translate(skb, src_ep, &f, FERRUM_LB_SCOPE_INTERNAL);
 		if (rc != LB_TRANSLATED && rc != LB_CONTINUE)
 			return rc;
 	}
 	/* The source pod's egress and, for a pod of this node, the destination's ingress. */
-	if (policy_check(skb, cfg, &f, initiator) != POLICY_ALLOW)
+	if (ferrum_policy_check(skb, &f, initiator) != POLICY_ALLOW)
 		return TC_ACT_SHOT;
 
 route:
@@ -1303,7 +1288,7 @@ int from_overlay(struct __sk_buff *skb)
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
 	if (ep) {
 		/* The destination pod's ingress (on the tuple before any reverse translation). */
-		if (policy_check_wire(skb, cfg, &f, &wire) != POLICY_ALLOW)
+		if (policy_check_wire(skb, &f, &wire) != POLICY_ALLOW)
 			return TC_ACT_SHOT;
 		return to_endpoint(skb, cfg, ep, &f);
 	}
@@ -1508,13 +1493,13 @@ static __always_inline int lb_from_uplink(struct __sk_buff *skb, const struct fe
 	__u32 client = f->saddr;
 	int rc;
 
-	rc = lb_translate(skb, cfg, NULL, f, FERRUM_LB_SCOPE_EXTERNAL);
+	rc = ferrum_lb_translate(skb, NULL, f, FERRUM_LB_SCOPE_EXTERNAL);
 	if (rc != LB_TRANSLATED)
 		return rc;
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f->daddr);
 	if (ep) {
 		/* A local backend's ingress judges the client itself, even when masqueraded. */
-		if (policy_check(skb, cfg, f, client) != POLICY_ALLOW)
+		if (ferrum_policy_check(skb, f, client) != POLICY_ALLOW)
 			return TC_ACT_SHOT;
 		return to_endpoint(skb, cfg, ep, f);
 	}
@@ -1574,7 +1559,7 @@ int from_uplink(struct __sk_buff *skb)
 	f.dport = pod_port;
 	ep = bpf_map_lookup_elem(&ferrum_endpoints, &pod_addr);
 	if (ep) {
-		if (policy_check(skb, cfg, &f, f.saddr) != POLICY_ALLOW)
+		if (ferrum_policy_check(skb, &f, f.saddr) != POLICY_ALLOW)
 			return TC_ACT_SHOT;
 		return to_endpoint(skb, cfg, ep, &f);
 	}
@@ -1592,7 +1577,7 @@ int to_pod(struct __sk_buff *skb)
 
 	if (!cfg || parse_ipv4(skb, &f) < 0)
 		return TC_ACT_OK;
-	if (policy_check(skb, cfg, &f, f.saddr) != POLICY_ALLOW)
+	if (ferrum_policy_check(skb, &f, f.saddr) != POLICY_ALLOW)
 		return TC_ACT_SHOT;
 	trace(skb, cfg, FERRUM_TRACE_TO_ENDPOINT, &f, 0, 0, 0);
 	return TC_ACT_OK;

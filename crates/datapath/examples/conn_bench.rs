@@ -310,27 +310,31 @@ fn install(t: &Topology, mode: Mode, n: u32) -> Result<Option<Datapath>> {
 
 /// Connects and closes (RST, so no TIME_WAIT runs out the ports) for `secs`; returns
 /// (connections per second, p50 and p99 connect latency).
+/// A TCP socket bound to `addr:port` with SO_REUSEADDR (in the calling thread's netns).
+fn bound_tcp_socket(addr: Ipv4Addr, port: u16) -> Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(addr, port)),
+    )?;
+    Ok(fd)
+}
+
 fn measure(t: &Topology, target: Ipv4Addr, secs: f64) -> Result<(f64, Duration, Duration)> {
     let stop = Arc::new(AtomicBool::new(false));
     let server_ns = PathBuf::from(format!("/run/netns/{}", t.server));
     // A deep listen queue: a server thread descheduled for a few milliseconds on a busy
     // machine must not make the kernel drop SYNs (each costs the client a 1 s retransmit).
     let listener = run_in_netns(&server_ns, || -> Result<TcpListener> {
-        use nix::sys::socket::{
-            AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, socket,
-        };
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )?;
-        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true)?;
-        bind(
-            fd.as_raw_fd(),
-            &SockaddrIn::from(std::net::SocketAddrV4::new(SERVER, 8080)),
-        )?;
-        listen(&fd, Backlog::new(4096)?)?;
+        let fd = bound_tcp_socket(SERVER, 8080)?;
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(4096)?)?;
         Ok(TcpListener::from(fd))
     })??;
     // A blocking accept that wakes up now and then to see `stop` (accept honours
@@ -362,25 +366,13 @@ fn measure(t: &Topology, target: Ipv4Addr, secs: f64) -> Result<(f64, Duration, 
         let start = Instant::now();
         let mut port: u16 = 10_000;
         while start.elapsed().as_secs_f64() < secs {
-            use nix::sys::socket::{
-                AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket,
-            };
+            use nix::sys::socket::{SockaddrIn, connect};
             // Source ports in sequence: a 4-tuple comes back only after 50,000 connections,
             // so no new SYN meets the remains of an earlier connection (which would cost a
             // 1 s retransmit and measure TCP, not the load balancer).
             port = if port >= 60_000 { 10_000 } else { port + 1 };
             let t0 = Instant::now();
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::empty(),
-                None,
-            )?;
-            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true)?;
-            bind(
-                fd.as_raw_fd(),
-                &SockaddrIn::from(std::net::SocketAddrV4::new(CLIENT, port)),
-            )?;
+            let fd = bound_tcp_socket(CLIENT, port)?;
             connect(
                 fd.as_raw_fd(),
                 &SockaddrIn::from(std::net::SocketAddrV4::new(target, 80)),
