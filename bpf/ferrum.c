@@ -1266,39 +1266,49 @@ route:
 	return TC_ACT_OK;
 }
 
+/* A packet from another node (decapsulated, or routed natively in VNet mode): a reply of a
+ * Service balanced on this node is translated back to its frontend, and a packet for a local
+ * pod goes straight in after the pod's ingress policy. LB_CONTINUE: neither. */
+static __always_inline int from_node(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				     struct flow *f)
+{
+	struct wire_tuple wire = { f->saddr, f->daddr, f->sport, f->dport };
+	struct ferrum_endpoint *ep;
+	int rc;
+
+	rc = lb_rev_nat(skb, cfg, f);
+	if (rc < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	if (rc > 0)
+		return lb_out_uplink(cfg);
+	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f->daddr);
+	if (!ep)
+		return LB_CONTINUE;
+	/* The destination pod's ingress (on the tuple before any reverse translation). */
+	if (policy_check_wire(skb, f, &wire) != POLICY_ALLOW)
+		return TC_ACT_SHOT;
+	return to_endpoint(skb, cfg, ep, f);
+}
+
 /* tcx ingress on the VXLAN device: decapsulated packets from other nodes. */
 SEC("classifier/from_overlay")
 int from_overlay(struct __sk_buff *skb)
 {
 	struct ferrum_config *cfg = config();
-	struct ferrum_endpoint *ep;
 	struct flow f = {};
-	struct wire_tuple wire;
 	int rc;
 
 	if (!cfg || parse_ipv4(skb, &f) < 0)
 		return TC_ACT_OK;
-	/* Replies from a backend on another node to a client balanced on this one. */
-	wire = (struct wire_tuple){ f.saddr, f.daddr, f.sport, f.dport };
-	rc = lb_rev_nat(skb, cfg, &f);
-	if (rc < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
-	if (rc > 0)
-		return lb_out_uplink(cfg);
-	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
-	if (ep) {
-		/* The destination pod's ingress (on the tuple before any reverse translation). */
-		if (policy_check_wire(skb, &f, &wire) != POLICY_ALLOW)
-			return TC_ACT_SHOT;
-		return to_endpoint(skb, cfg, ep, &f);
-	}
+	rc = from_node(skb, cfg, &f);
+	if (rc != LB_CONTINUE)
+		return rc;
 	/* The inner destination MAC belongs to the sender's side; make the stack accept it. */
 	bpf_skb_change_type(skb, PACKET_HOST);
 	trace(skb, cfg, FERRUM_TRACE_FROM_OVERLAY, &f, 0, 0, 0);
 	return TC_ACT_OK;
 }
 
-/* tcx egress on the VXLAN device: every packet must leave with a tunnel key. */
 SEC("classifier/to_overlay")
 int to_overlay(struct __sk_buff *skb)
 {
@@ -1538,6 +1548,13 @@ int from_uplink(struct __sk_buff *skb)
 		if (rc != LB_CONTINUE)
 			return rc;
 	}
+	/* VNet mode: other nodes' pods reach local pods natively over the underlay; Service
+	 * replies from backends on other nodes come back this way too. */
+	if (!cfg->overlay_ifindex) {
+		int rc = from_node(skb, cfg, &f);
+		if (rc != LB_CONTINUE)
+			return rc;
+	}
 	if (f.daddr != cfg->node_ip)
 		return TC_ACT_OK;
 	if (f.proto == IPPROTO_ICMP && f.icmp_type != ICMP_ECHOREPLY)
@@ -1566,21 +1583,43 @@ int from_uplink(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-/* tcx egress on every host-side pod veth: what the host stack routes into a pod (the node
- * itself; in VNet mode also other nodes' pods). Packets the programs above redirect straight
- * into a pod skip this hook: they were judged where they were redirected. */
+/* tcx egress on the node's host device (ferrum_host, one end of a veth pair), where the host
+ * stack routes every local pod's /32: the node's own traffic to its pods, and in VNet mode
+ * what the uplink hands the stack (fragments, ICMP errors). One node-level hook instead of one per pod keeps CNI ADD to a
+ * single tcx attach. Packets the programs above redirect straight into a pod never come here:
+ * they were judged where they were redirected. */
 SEC("classifier/to_pod")
 int to_pod(struct __sk_buff *skb)
 {
 	struct ferrum_config *cfg = config();
+	struct ferrum_endpoint *ep;
+	void *data, *data_end;
+	struct ethhdr *eth;
 	struct flow f = {};
+	int rc;
 
-	if (!cfg || parse_ipv4(skb, &f) < 0)
-		return TC_ACT_OK;
+	if (!cfg)
+		return TC_ACT_SHOT;
+	rc = parse_ipv4(skb, &f);
+	if (rc == -1)
+		return drop(skb, FERRUM_DROP_UNSUPPORTED_L3, NULL);
+	if (rc < 0)
+		return drop(skb, FERRUM_DROP_MALFORMED, NULL);
+	ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
+	if (!ep)
+		return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, &f);
 	if (ferrum_policy_check(skb, &f, f.saddr) != POLICY_ALLOW)
 		return TC_ACT_SHOT;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return drop(skb, FERRUM_DROP_MALFORMED, &f);
+	/* As if routed out of the pod's host veth; its egress carries the frame into the pod. */
+	__builtin_memcpy(eth->h_dest, ep->pod_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, ep->host_mac, ETH_ALEN);
 	trace(skb, cfg, FERRUM_TRACE_TO_ENDPOINT, &f, 0, 0, 0);
-	return TC_ACT_OK;
+	return bpf_redirect(ep->ifindex, 0);
 }
 
 /* ---- Socket-level load balancing (cgroup sock_addr hooks) ------------------------------ */

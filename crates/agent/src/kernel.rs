@@ -26,6 +26,8 @@ pub struct NodeDevices {
     pub uplink_ifindex: u32,
     pub overlay: String,
     pub overlay_ifindex: u32,
+    /// Where the host stack routes local pods (see `Netlink::ensure_host_device`).
+    pub host: String,
     pub vni: u32,
     /// Which forwarded packets produce flow events (drops always do).
     pub flow_events: ferrum_datapath::bpf::FlowEvents,
@@ -85,16 +87,36 @@ impl KernelDataplane {
         Ok(())
     }
 
-    fn host_route(&self, ip: Ipv4Addr, ifname: &str) -> anyhow::Result<()> {
+    /// Attaches to_pod to the host device and removes the per-pod egress links older agents
+    /// pinned; until then those still judge what the host routes into the pods.
+    pub fn attach_host_device(&mut self) -> anyhow::Result<()> {
+        let dev = &self.devices.host;
+        self.datapath
+            .attach_host_device(dev)
+            .with_context(|| format!("attaching the host device program to {dev}"))?;
+        let removed = self
+            .datapath
+            .remove_legacy_pod_links()
+            .context("removing per-pod egress links of an older agent")?;
+        if removed > 0 {
+            tracing::info!(removed, "per-pod egress links replaced by {dev}");
+        }
+        Ok(())
+    }
+
+    /// The host stack reaches a local pod through the host device, whose egress program
+    /// judges the packet and hands it to the pod's veth.
+    fn host_route(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let dev = &self.devices.host;
         self.netlink
             .replace_route(
                 Ipv4Net::from(ip),
-                ifname,
+                dev,
                 None,
                 true,
                 Some(self.devices.node_ip),
             )
-            .with_context(|| format!("routing {ip}/32 to {ifname}"))
+            .with_context(|| format!("routing {ip}/32 to {dev}"))
     }
 
     /// Restart convergence: makes endpoints, pinned pod links and host routes match the
@@ -151,8 +173,8 @@ impl KernelDataplane {
                 .upsert_endpoint(*ip, &info)
                 .with_context(|| format!("restoring endpoint {ip}"))?;
         }
-        for (ip, ifname) in &plan.routes {
-            self.host_route(*ip, ifname)?;
+        for ip in &plan.routes {
+            self.host_route(*ip)?;
         }
         for ip in &plan.endpoint_removes {
             self.datapath
@@ -250,7 +272,7 @@ impl Dataplane for KernelDataplane {
         self.datapath
             .upsert_endpoint(ip, &info)
             .with_context(|| format!("publishing endpoint {ip}"))?;
-        self.host_route(ip, &ep.host_ifname)
+        self.host_route(ip)
     }
 
     fn detach_endpoint(&mut self, ip: Ipv4Addr, host_ifname: &str) -> anyhow::Result<()> {

@@ -36,6 +36,10 @@ use crate::watch::NodeIdentity;
 
 /// Name of the node's VXLAN device (collect-metadata mode: one device for all peers).
 pub const OVERLAY_DEVICE: &str = "ferrum_vxlan";
+/// Where the host stack routes local pods; its egress program hands packets to them.
+pub const HOST_DEVICE: &str = "ferrum_host";
+/// The other end of the host device's veth pair (nothing reaches it).
+pub const HOST_DEVICE_PEER: &str = "ferrum_net";
 /// The VXLAN UDP port (Linux's historical default, as Cilium and Flannel use).
 pub const VXLAN_PORT: u16 = 8472;
 /// Outer IPv4 + UDP + VXLAN + inner Ethernet headers.
@@ -162,6 +166,10 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
             })?;
     }
 
+    netlink
+        .ensure_host_device(HOST_DEVICE, HOST_DEVICE_PEER, pod_mtu)
+        .with_context(|| format!("creating the host device {HOST_DEVICE}"))?;
+
     let mut dataplane = KernelDataplane::new(
         datapath,
         netlink,
@@ -176,6 +184,7 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
                 OVERLAY_DEVICE.into()
             },
             overlay_ifindex,
+            host: HOST_DEVICE.into(),
             vni: config.vni,
             flow_events: config.flow_events.into(),
         },
@@ -185,6 +194,7 @@ pub fn start(config: &Config, source: Box<dyn Source>) -> anyhow::Result<AgentHa
     if let Some(block) = store.pool().block() {
         dataplane.configure_block(block)?;
     }
+    dataplane.attach_host_device()?;
     dataplane
         .restore(&mut store)
         .context("reconciling endpoints with the IPAM store")?;

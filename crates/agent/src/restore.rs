@@ -36,8 +36,9 @@ pub struct RestorePlan {
     pub attach_links: Vec<String>,
     /// Pinned links that belong to no kept endpoint.
     pub detach_links: Vec<String>,
-    /// Routes `ip/32 dev ifname` to (re)state for kept endpoints (replace is idempotent).
-    pub routes: Vec<(Ipv4Addr, String)>,
+    /// Routes `ip/32` (via the node's host device) to (re)state for kept endpoints; replace
+    /// is idempotent and also moves routes older agents pointed at the host veth.
+    pub routes: Vec<Ipv4Addr>,
     /// Routes of endpoints that are gone.
     pub route_removes: Vec<Ipv4Addr>,
     /// Attachments recorded as attached whose veth no longer exists: their endpoint is gone,
@@ -77,7 +78,7 @@ pub fn plan<'a>(
         if !observed.pinned_links.contains(&ep.host_ifname) {
             plan.attach_links.push(ep.host_ifname.clone());
         }
-        plan.routes.push((ip, ep.host_ifname.clone()));
+        plan.routes.push(ip);
     }
     let d = diff(&desired, &observed.endpoints);
     plan.endpoint_upserts = d.upserts;
@@ -134,7 +135,7 @@ mod tests {
         assert!(p.endpoint_upserts.is_empty() && p.endpoint_removes.is_empty());
         assert!(p.attach_links.is_empty() && p.detach_links.is_empty());
         assert!(p.orphaned.is_empty() && p.reindexed.is_empty());
-        assert_eq!(p.routes, vec![(ip(1), "fea".to_string())]);
+        assert_eq!(p.routes, vec![ip(1)]);
     }
 
     #[test]

@@ -425,6 +425,57 @@ impl Netlink {
             object: name.to_string(),
         })
     }
+
+    /// The node's device for traffic the host stack routes to local pods (Cilium's
+    /// `cilium_host` plays this part): one end of a veth pair whose other end (`peer`) only
+    /// keeps it up; both NOARP, IPv4 only. Its egress program hands each packet to its pod.
+    /// A leftover device of another kind under the name is replaced.
+    pub fn ensure_host_device(
+        &self,
+        name: &str,
+        peer: &str,
+        mtu: u32,
+    ) -> Result<LinkInfo, LinkError> {
+        let existing = self.link_message(name)?;
+        let adoptable = existing
+            .as_ref()
+            .is_some_and(|m| link_kind_is(m, &InfoKind::Veth))
+            && self.link(peer)?.is_some();
+        if !adoptable {
+            if existing.is_some() {
+                tracing::warn!(
+                    device = name,
+                    "existing interface is not the host device's veth pair; replacing it"
+                );
+                self.delete_link(name)?;
+            }
+            // A peer left without its partner would make the create fail.
+            self.delete_link(peer)?;
+            self.create_veth(name, peer, mtu)?;
+        }
+        for dev in [name, peer] {
+            if self.link(dev)?.is_some_and(|l| l.mtu != mtu) {
+                self.set_mtu(dev, mtu)?;
+            }
+            self.set_noarp(dev)?;
+            // Nothing should send router solicitations through it.
+            set_sysctl(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "1")?;
+            self.set_up(dev)?;
+        }
+        self.link(name)?.ok_or_else(|| LinkError::NoReply {
+            op: "create host device",
+            object: name.to_string(),
+        })
+    }
+}
+
+fn link_kind_is(msg: &LinkMessage, kind: &InfoKind) -> bool {
+    msg.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, NlLinkInfo::Kind(k) if k == kind)),
+        _ => false,
+    })
 }
 
 fn is_external_vxlan_on(msg: &LinkMessage, dstport: u16) -> bool {
@@ -631,6 +682,35 @@ mod tests {
             nl.delete_link("va").expect("absent link is fine");
         });
         assert!(!ns.ip("-4 route show").contains("default"));
+    }
+
+    #[test]
+    fn host_device_is_a_noarp_veth_pair_adopted_or_replaced() {
+        let ns = TestNetns::new("hostdev");
+        ns.run(|nl| {
+            let d = nl
+                .ensure_host_device("fe_host", "fe_net", 1450)
+                .expect("create");
+            assert!(d.up);
+            assert_eq!(d.mtu, 1450);
+            let again = nl
+                .ensure_host_device("fe_host", "fe_net", 1400)
+                .expect("adopt");
+            assert_eq!(again.index, d.index, "an existing pair is kept");
+            assert_eq!(again.mtu, 1400);
+            assert_eq!(nl.link("fe_net").expect("lookup").expect("peer").mtu, 1400);
+            // A partner-less name (here a veth to something else) is replaced.
+            nl.delete_link("fe_host").expect("delete");
+            nl.create_veth("fe_host", "other", 1500).expect("veth");
+            let replaced = nl
+                .ensure_host_device("fe_host", "fe_net", 1450)
+                .expect("replace");
+            assert!(nl.link("other").expect("lookup").is_none(), "old pair gone");
+            assert_ne!(replaced.index, again.index);
+            assert!(nl.link("fe_net").expect("lookup").expect("peer").up);
+        });
+        let link = ns.ip("-d link show fe_host");
+        assert!(link.contains("NOARP") && link.contains("veth"), "{link}");
     }
 
     #[test]

@@ -139,6 +139,47 @@ fn remote_backend_goes_through_the_overlay_and_its_reply_is_translated_on_arriva
     Ok(())
 }
 
+/// VNet mode: the remote backend is reached natively and its reply arrives on the uplink,
+/// where it is translated back to the frontend and delivered straight to the client.
+#[test]
+fn vnet_remote_backend_reply_is_translated_on_the_uplink() -> Result<()> {
+    let mut f = fixture()?;
+    f.dp.set_config(&ferrum_datapath::bpf::NodeConfig {
+        overlay_ifindex: 0,
+        ..node::config(f.veth_b, node::NAT_PORTS)
+    })?;
+    let remote_backend = Ipv4Addr::new(10, 1, 0, 50);
+    f.dp.upsert_ipcache(
+        "10.1.0.50/32".parse()?,
+        &ferrum_datapath::bpf::IpcacheEntry {
+            tunnel_endpoint: None,
+            kind: ferrum_datapath::bpf::PeerKind::RemotePodBlock,
+        },
+    )?;
+    f.service(internal(80, PROTO_TCP), 5, &[sa(remote_backend, 8080)])?;
+    let syn = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 80), b"");
+    let out = f.dp.test_run(Program::FromPod, &syn, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_OK, "to the underlay through the stack");
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.dst, p.dport), (remote_backend, 8080));
+
+    let reply = packet::tcp_frame(
+        [0x02, 0x10, 0, 0, 0, 0x0a],
+        [0x02, 0x10, 0, 0, 0, 0x01],
+        sa(remote_backend, 8080),
+        sa(POD_A, 40000),
+        b"ok",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &reply, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, POD_A, 40000));
+    assert_eq!((p.eth_dst, p.eth_src), (MAC_A, HOST_MAC_A));
+    packet::verify_checksums(&out.frame)?;
+    assert!(f.reasons().contains(&(EventKind::Trace, Reason::LbRevDnat)));
+    Ok(())
+}
+
 #[test]
 fn udp_without_checksum_keeps_none_after_translation() -> Result<()> {
     let mut f = fixture()?;

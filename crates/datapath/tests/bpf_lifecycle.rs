@@ -126,6 +126,28 @@ fn pod_links_are_pinned_adopted_and_detached() -> Result<()> {
     dp.attach_pod("fe-pod1")?;
     assert_eq!(tcx_programs("fe-pod1", TcAttachType::Ingress), 1);
 
+    // The node's host device gets to_pod on egress, pinned with the device links.
+    dp.attach_host_device("fe-vx-p")?;
+    dp.attach_host_device("fe-vx-p")?; // idempotent
+    assert_eq!(tcx_programs("fe-vx-p", TcAttachType::Egress), 1);
+    // Older agents pinned to_pod on every pod veth (links/<veth>-egress); a new agent removes
+    // those links. Made here by moving a link pin into that place (bpffs renames pins).
+    dp.attach_host_device("fe-pod1")?;
+    std::fs::rename(
+        pins.path.join("links-dev/fe-pod1-egress"),
+        pins.path.join("links/fe-pod1-egress"),
+    )?;
+    assert_eq!(tcx_programs("fe-pod1", TcAttachType::Egress), 1);
+    assert_eq!(dp.pinned_pod_links()?, vec!["fe-pod1".to_string()]);
+    assert_eq!(dp.remove_legacy_pod_links()?, 1);
+    assert_eq!(tcx_programs("fe-pod1", TcAttachType::Egress), 0);
+    assert_eq!(
+        tcx_programs("fe-pod1", TcAttachType::Ingress),
+        1,
+        "from_pod stays"
+    );
+    assert_eq!(dp.remove_legacy_pod_links()?, 0);
+
     dp.detach_pod("fe-pod1")?;
     dp.detach_pod("fe-pod1")?; // absent: fine
     assert_eq!(tcx_programs("fe-pod1", TcAttachType::Ingress), 0);
@@ -137,6 +159,7 @@ fn pod_links_are_pinned_adopted_and_detached() -> Result<()> {
     assert!(!pins.path.exists());
     assert_eq!(tcx_programs("fe-vx", TcAttachType::Ingress), 0);
     assert_eq!(tcx_programs("fe-vx", TcAttachType::Egress), 0);
+    assert_eq!(tcx_programs("fe-vx-p", TcAttachType::Egress), 0);
     Ok(())
 }
 

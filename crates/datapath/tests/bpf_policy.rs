@@ -308,7 +308,7 @@ spec:
 
     // The node's own probes reach b through the host stack (to_pod); b answers.
     let probe = tcp(sa(NODE_IP, 50000), sa(POD_B, 8080), true);
-    assert_eq!(f.run(Program::ToPod, &probe)?, TC_ACT_OK);
+    assert_eq!(f.run(Program::ToPod, &probe)?, TC_ACT_REDIRECT);
     assert_eq!(
         f.leave_pod(&tcp(sa(POD_B, 8080), sa(NODE_IP, 50000), false))?,
         TC_ACT_OK,

@@ -14,8 +14,8 @@ use bpf_support::node::{
 };
 use ferrum_datapath::bpf::packet::{self, Mac};
 use ferrum_datapath::bpf::{
-    Event, EventKind, IpcacheEntry, PeerKind, Program, Reason, TC_ACT_OK, TC_ACT_REDIRECT,
-    TC_ACT_SHOT,
+    Event, EventKind, IpcacheEntry, NodeConfig, PeerKind, Program, Reason, TC_ACT_OK,
+    TC_ACT_REDIRECT, TC_ACT_SHOT,
 };
 
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -588,5 +588,84 @@ fn vnet_remote_pod_without_tunnel_goes_to_the_underlay_unencapsulated() -> Resul
         TC_ACT_SHOT
     );
     assert_eq!(f.drop_reason(), Some(Reason::UnknownEndpoint));
+    Ok(())
+}
+
+/// to_pod on the node's host device: what the host stack routes to a local pod is handed to
+/// the pod's veth, MACs as if routed out of it; an address no pod holds and non-IPv4 are
+/// dropped with their reasons (the device itself would discard them silently).
+#[test]
+fn host_device_hands_host_traffic_to_the_pod_veth() -> Result<()> {
+    let mut f = fixture()?;
+    let dev_mac = [0x02, 0xee, 0, 0, 0, 1];
+    let probe = packet::tcp_frame(dev_mac, dev_mac, sa(NODE_IP, 50000), sa(POD_B, 8080), b"");
+    let out = f.dp.test_run(Program::ToPod, &probe, f.veth_a, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.eth_dst, p.eth_src), (MAC_B, HOST_MAC_B));
+    assert_eq!(out.frame[12..], probe[12..], "only the MACs change");
+    let events = f.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == Reason::ToEndpoint && e.dst == sa(POD_B, 8080)),
+        "{events:?}"
+    );
+
+    let unheld = packet::tcp_frame(
+        dev_mac,
+        dev_mac,
+        sa(NODE_IP, 50000),
+        sa(Ipv4Addr::new(10, 1, 0, 99), 80),
+        b"",
+    );
+    assert_eq!(
+        f.dp.test_run(Program::ToPod, &unheld, f.veth_a, 1)?.retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::UnknownEndpoint));
+
+    let mut ipv6 = probe.clone();
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(
+        f.dp.test_run(Program::ToPod, &ipv6, f.veth_a, 1)?.retval,
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.drop_reason(), Some(Reason::UnsupportedL3));
+    Ok(())
+}
+
+/// VNet mode (no overlay device): other nodes' pods arrive natively on the uplink and go
+/// straight into the local pod; the node's own traffic still goes to the stack.
+#[test]
+fn vnet_uplink_delivers_straight_to_local_pods() -> Result<()> {
+    let mut f = fixture()?;
+    f.dp.set_config(&NodeConfig {
+        overlay_ifindex: 0,
+        ..config(f.veth_b, NAT_PORTS)
+    })?;
+    let from_remote = packet::tcp_frame(
+        UPLINK_MAC,
+        ROUTER_MAC,
+        sa(REMOTE_POD, 3333),
+        sa(POD_B, 80),
+        b"",
+    );
+    let out =
+        f.dp.test_run(Program::FromUplink, &from_remote, f.veth_b, 1)?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let p = packet::parse(&out.frame)?;
+    assert_eq!((p.eth_dst, p.eth_src), (MAC_B, HOST_MAC_B));
+    assert_eq!(out.frame[12..], from_remote[12..], "only the MACs change");
+
+    let to_node = packet::tcp_frame(
+        UPLINK_MAC,
+        ROUTER_MAC,
+        sa(REMOTE_POD, 3333),
+        sa(NODE_IP, 22),
+        b"",
+    );
+    let out = f.dp.test_run(Program::FromUplink, &to_node, f.veth_b, 1)?;
+    assert_eq!((out.retval, &out.frame), (TC_ACT_OK, &to_node));
     Ok(())
 }

@@ -44,6 +44,8 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const POD_LINKS_DIR: &str = "links";
 const DEVICE_LINKS_DIR: &str = "links-dev";
+/// Pin suffix of the per-pod to_pod links older agents created.
+const LEGACY_POD_EGRESS: &str = "egress";
 /// Socket-level load balancing links (cgroup sock_addr hooks).
 pub(crate) const CGROUP_LINKS_DIR: &str = "links-cgroup";
 
@@ -562,10 +564,11 @@ impl Datapath {
             .map_err(map_op_err(MAP_CONFIG, "write the node config"))
     }
 
-    /// tcx ingress from_pod and egress to_pod on a host veth (in the calling thread's netns);
-    /// the links are pinned at pin_dir/links/<ifname>-{ingress,egress} so they survive the
-    /// agent; a pinned link for this ifname that is still attached is adopted, not duplicated.
-    /// Idempotent.
+    /// tcx ingress from_pod on a host veth (in the calling thread's netns): the pod's one
+    /// hook, since every tcx attach waits for an RCU grace period under RTNL and so sets the
+    /// pace of CNI ADD. The link is pinned at pin_dir/links/<ifname>-ingress so it survives
+    /// the agent; a pinned link for this ifname that is still attached is adopted, not
+    /// duplicated. Idempotent.
     pub fn attach_pod(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let dir = self.pin_dir.join(POD_LINKS_DIR);
         self.attach_pinned(
@@ -573,20 +576,44 @@ impl Datapath {
             ifname,
             TcAttachType::Ingress,
             &dir.join(format!("{ifname}-ingress")),
-        )?;
-        self.attach_pinned(
-            Program::ToPod,
-            ifname,
-            TcAttachType::Egress,
-            &dir.join(format!("{ifname}-egress")),
         )
     }
 
     /// Ok if nothing is attached.
     pub fn detach_pod(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let dir = self.pin_dir.join(POD_LINKS_DIR);
-        remove_link_pin(&dir.join(format!("{ifname}-ingress")))?;
-        remove_link_pin(&dir.join(format!("{ifname}-egress")))
+        remove_link_pin(&dir.join(format!("{ifname}-ingress")))
+    }
+
+    /// Removes the per-pod egress links older agents pinned (to_pod on every host veth, now
+    /// on the node's host device); returns how many there were.
+    pub fn remove_legacy_pod_links(&mut self) -> Result<usize, DatapathError> {
+        let dir = self.pin_dir.join(POD_LINKS_DIR);
+        let entries = std::fs::read_dir(&dir).map_err(io_err("list", &dir))?;
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(io_err("list", &dir))?;
+            let name = entry.file_name();
+            if name
+                .to_str()
+                .is_some_and(|n| n.ends_with(&format!("-{LEGACY_POD_EGRESS}")))
+            {
+                remove_link_pin(&entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// to_pod on egress of the node's host device, where the host stack routes local pods.
+    pub fn attach_host_device(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        let dir = self.pin_dir.join(DEVICE_LINKS_DIR);
+        self.attach_pinned(
+            Program::ToPod,
+            ifname,
+            TcAttachType::Egress,
+            &dir.join(format!("{ifname}-egress")),
+        )
     }
 
     /// from_overlay on ingress and to_overlay on egress of the VXLAN device.
