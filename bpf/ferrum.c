@@ -630,6 +630,12 @@ static __always_inline int pol_ct_key(const struct flow *f, struct ferrum_nat_ke
 	return tuple_ct_key(f->saddr, f->daddr, f->sport, f->dport, f->proto, k);
 }
 
+/* Entries stamped by the precise clock (older programs) may be a tick ahead of the coarse one. */
+static __always_inline __u64 pol_ct_age(__u64 now, const struct ferrum_pol_ct *ct)
+{
+	return now > ct->last_ns ? now - ct->last_ns : 0;
+}
+
 static __always_inline __u64 pol_ct_lifetime(const struct ferrum_pol_ct *ct, __u8 proto)
 {
 	if (ct->flags & FERRUM_POL_CT_CLOSING)
@@ -663,7 +669,7 @@ static __always_inline int pol_icmp_related(struct __sk_buff *skb, const struct 
 	tuple_ct_key(quoted.saddr, quoted.daddr, qports[0], qports[1], quoted.protocol, &qkey);
 	qct = bpf_map_lookup_elem(&ferrum_pol_ct, &qkey);
 	if (!qct || (qct->flags & FERRUM_POL_CT_DENIED) || qct->gen != cfg->policy_gen ||
-	    now - qct->last_ns >= pol_ct_lifetime(qct, quoted.protocol))
+	    pol_ct_age(now, qct) >= pol_ct_lifetime(qct, quoted.protocol))
 		return 0;
 	f->reply = 1;
 	f->rule_id = qct->rule_id;
@@ -685,7 +691,9 @@ static __always_inline int policy_check_inline(struct __sk_buff *skb,
 {
 	struct ferrum_nat_key key = {};
 	struct ferrum_pol_ct *ct, nct = {};
-	__u64 now = bpf_ktime_get_ns();
+	/* Coarse (tick resolution) is plenty for lifetimes of seconds, and unlike the precise
+	 * clock it costs no clock-source read on every packet. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u32 rule = 0, init_addr, responder;
 	__u16 rport;
 	__u8 reason = 0;
@@ -696,7 +704,7 @@ static __always_inline int policy_check_inline(struct __sk_buff *skb,
 	if (pol_icmp_related(skb, cfg, f, now))
 		return POLICY_ALLOW;
 	ct = bpf_map_lookup_elem(&ferrum_pol_ct, &key);
-	if (ct && now - ct->last_ns < pol_ct_lifetime(ct, f->proto)) {
+	if (ct && pol_ct_age(now, ct) < pol_ct_lifetime(ct, f->proto)) {
 		int from_initiator = ((ct->flags & FERRUM_POL_CT_A_INITIATED) != 0) == src_is_a;
 
 		f->reply = !from_initiator;
@@ -723,7 +731,7 @@ static __always_inline int policy_check_inline(struct __sk_buff *skb,
 			ct->flags |= FERRUM_POL_CT_CLOSING;
 		else if (syn && from_initiator)
 			ct->flags &= ~FERRUM_POL_CT_CLOSING; /* the tuple is being reused */
-		if (now - ct->last_ns > FERRUM_POL_CT_REFRESH_NS)
+		if (pol_ct_age(now, ct) > FERRUM_POL_CT_REFRESH_NS)
 			ct->last_ns = now;
 		f->rule_id = ct->rule_id;
 		return POLICY_ALLOW;
@@ -1313,6 +1321,7 @@ SEC("classifier/to_overlay")
 int to_overlay(struct __sk_buff *skb)
 {
 	struct ferrum_config *cfg = config();
+	struct bpf_tunnel_key present;
 	struct ferrum_ipcache_key key;
 	struct ferrum_ipcache_value *peer;
 	struct flow f = {};
@@ -1321,6 +1330,10 @@ int to_overlay(struct __sk_buff *skb)
 
 	if (!cfg)
 		return TC_ACT_SHOT;
+	/* Pod traffic comes with the tunnel from_pod set before redirecting it here; only what
+	 * the host stack routes (the node's own traffic) needs the lookup. */
+	if (bpf_skb_get_tunnel_key(skb, &present, sizeof(present), 0) == 0)
+		return TC_ACT_OK;
 	rc = parse_ipv4(skb, &f);
 	if (rc == -1)
 		return drop(skb, FERRUM_DROP_UNSUPPORTED_L3, NULL);
@@ -1541,6 +1554,11 @@ int from_uplink(struct __sk_buff *skb)
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
 	if (parse_ipv4(skb, &f) < 0 || !f.has_ports)
+		return TC_ACT_OK;
+	/* The overlay's own datagrams, the bulk of what arrives here: straight to the VXLAN
+	 * socket, no Service or NAT lookups. */
+	if (cfg->overlay_ifindex && f.proto == IPPROTO_UDP && f.daddr == cfg->node_ip &&
+	    f.dport == bpf_htons(FERRUM_VXLAN_PORT))
 		return TC_ACT_OK;
 	/* NodePorts, LoadBalancer IPs and externalIPs reached from outside the cluster. */
 	if (lb_proto(&f)) {

@@ -24,6 +24,8 @@ struct ferrum_config {
 	__u32 policy_gen;
 };
 #define FERRUM_CONFIG_SIZE 44
+/* UDP port of the overlay (the agent's ferrum_vxlan device); Rust: bpf::VXLAN_PORT. */
+#define FERRUM_VXLAN_PORT 8472
 /* Flow events for forwarded traffic: connection starts/ends (TCP SYN/FIN/RST) and, for other
  * protocols, one event per flow and observation point per aggregation interval. */
 #define FERRUM_FLAG_TRACE (1U << 0)

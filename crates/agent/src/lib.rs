@@ -41,7 +41,7 @@ pub const HOST_DEVICE: &str = "ferrum_host";
 /// The other end of the host device's veth pair (nothing reaches it).
 pub const HOST_DEVICE_PEER: &str = "ferrum_net";
 /// The VXLAN UDP port (Linux's historical default, as Cilium and Flannel use).
-pub const VXLAN_PORT: u16 = 8472;
+pub const VXLAN_PORT: u16 = ferrum_datapath::bpf::VXLAN_PORT;
 /// Outer IPv4 + UDP + VXLAN + inner Ethernet headers.
 pub const VXLAN_OVERHEAD: u32 = 50;
 

@@ -486,6 +486,17 @@ fn non_pod_and_in_cluster_traffic_on_the_uplink_is_untouched() -> Result<()> {
     );
     let out = f.dp.test_run(Program::FromUplink, &inbound, f.veth_b, 1)?;
     assert_eq!((out.retval, &out.frame), (TC_ACT_OK, &inbound));
+    // The overlay's datagrams from another node go to the VXLAN socket untouched.
+    let vxlan = packet::udp_frame(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        sa(REMOTE_NODE, 40000),
+        sa(NODE_IP, ferrum_datapath::bpf::VXLAN_PORT),
+        b"vx",
+        false,
+    );
+    let out = f.dp.test_run(Program::FromUplink, &vxlan, f.veth_b, 1)?;
+    assert_eq!((out.retval, &out.frame), (TC_ACT_OK, &vxlan));
     assert!(f.dp.nat_entries()?.is_empty());
     Ok(())
 }

@@ -16,8 +16,13 @@ const COMPARED: &[&str] = &[
     "cross_node_tcp_rr_mean",
     "cross_node_tcp_rr_p50",
     "cross_node_tcp_rr_p99",
+    "cross_node_kernel_routed_tcp_throughput",
+    "cross_node_kernel_routed_tcp_rr_p50",
+    "cross_node_kernel_routed_tcp_rr_p99",
 ];
 const ABSOLUTE: &[&str] = &[
+    "same_node_tcp_throughput_paired_ratio",
+    "cross_node_tcp_throughput_paired_ratio",
     "cni_add_p50",
     "cni_add_p99",
     "cni_add_max",

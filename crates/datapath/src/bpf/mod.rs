@@ -41,6 +41,10 @@ pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
 
+/// UDP port of the overlay; the programs let it through from_uplink without lookups
+/// (bpf/ferrum.h FERRUM_VXLAN_PORT, checked by a test).
+pub const VXLAN_PORT: u16 = 8472;
+
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const POD_LINKS_DIR: &str = "links";
 const DEVICE_LINKS_DIR: &str = "links-dev";
@@ -1083,4 +1087,14 @@ pub fn remove_pins(pin_dir: &Path) -> Result<(), DatapathError> {
         }
     }
     std::fs::remove_dir_all(pin_dir).map_err(io_err("remove the pin directory", pin_dir))
+}
+
+#[cfg(test)]
+mod header_tests {
+    #[test]
+    fn vxlan_port_matches_the_programs() {
+        let header = include_str!("../../../../bpf/ferrum.h");
+        let define = format!("#define FERRUM_VXLAN_PORT {}\n", super::VXLAN_PORT);
+        assert!(header.contains(&define), "bpf/ferrum.h lacks `{define}`");
+    }
 }

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrum_lab::fabric::{add_netns, delete_netns, ip, netns_path};
+use ferrum_lab::fabric::{add_netns, delete_netns, ip, netns_path, set_sysctl};
 use tracing::{info, warn};
 
 /// The VXLAN port and MTUs Ferrum uses, so the baseline carries the same overhead.
@@ -93,7 +93,9 @@ impl VethBaseline {
 /// namespace (as in the lab), each with a unicast kernel VXLAN device to the other; traffic
 /// runs between the VXLAN addresses.
 pub struct VxlanBaseline {
-    // Field order is drop order: nodes first, then the fabric holding the bridge.
+    // Field order is drop order: pods, nodes, then the fabric holding the bridge.
+    pod1: Netns,
+    pod2: Netns,
     node1: Netns,
     node2: Netns,
     _fabric: Netns,
@@ -104,6 +106,8 @@ impl VxlanBaseline {
     pub const NODE2_UPLINK: Ipv4Addr = Ipv4Addr::new(10, 255, 1, 2);
     pub const NODE1_OVERLAY: Ipv4Addr = Ipv4Addr::new(10, 255, 2, 1);
     pub const NODE2_OVERLAY: Ipv4Addr = Ipv4Addr::new(10, 255, 2, 2);
+    pub const POD1: Ipv4Addr = Ipv4Addr::new(10, 255, 3, 1);
+    pub const POD2: Ipv4Addr = Ipv4Addr::new(10, 255, 4, 1);
 
     pub fn build(tag: &str) -> Result<VxlanBaseline> {
         let fabric = Netns::create(format!("fb-{tag}-xf"))?;
@@ -172,12 +176,34 @@ impl VxlanBaseline {
             node.ip(&["addr", "add", &format!("{overlay}/24"), "dev", "vx0"])?;
             node.ip(&["link", "set", "vx0", "up"])?;
         }
+        let pod1 = Netns::create(format!("fb-{tag}-xp1"))?;
+        let pod2 = Netns::create(format!("fb-{tag}-xp2"))?;
+        let routed = [
+            (&node1, &pod1, Self::POD1, Self::POD2, Self::NODE2_OVERLAY),
+            (&node2, &pod2, Self::POD2, Self::POD1, Self::NODE1_OVERLAY),
+        ];
+        for (node, pod, local, remote, remote_node) in routed {
+            route_pod(node, pod, local, remote, remote_node)?;
+        }
         info!(fabric = %fabric.name, "vxlan baseline built");
         Ok(VxlanBaseline {
+            pod1,
+            pod2,
             node1,
             node2,
             _fabric: fabric,
         })
+    }
+
+    /// Pod to pod over the same VXLAN devices, each pod behind a veth pair its node forwards
+    /// with plain kernel routing (what host-routing overlay plugins such as Flannel do): a
+    /// reference for what the pod's veth hop costs with no eBPF at all.
+    pub fn routed_pod_endpoints(&self) -> Endpoints {
+        Endpoints {
+            client_netns: self.pod1.path(),
+            server_netns: self.pod2.path(),
+            server_ip: Self::POD2,
+        }
     }
 
     pub fn endpoints(&self) -> Endpoints {
@@ -187,4 +213,60 @@ impl VxlanBaseline {
             server_ip: Self::NODE2_OVERLAY,
         }
     }
+}
+
+/// Puts `pod` (address `local`/32) behind a veth pair in `node`, routed by the kernel: the pod
+/// defaults to a link-local gateway answered by a permanent neighbour entry, the node routes
+/// the pod's /32 to the veth and the remote pod via the other node's overlay address.
+fn route_pod(
+    node: &Netns,
+    pod: &Netns,
+    local: Ipv4Addr,
+    remote: Ipv4Addr,
+    remote_node: Ipv4Addr,
+) -> Result<()> {
+    const HOST_MAC: &str = "02:fb:00:00:00:01";
+    const GATEWAY: &str = "169.254.1.1";
+    let mtu = OVERLAY_MTU.to_string();
+    node.ip(&[
+        "link", "add", "hv0", "address", HOST_MAC, "mtu", &mtu, "type", "veth", "peer", "name",
+        "eth0", "mtu", &mtu, "netns", &pod.name,
+    ])?;
+    node.ip(&["link", "set", "hv0", "up"])?;
+    pod.ip(&["addr", "add", &format!("{local}/32"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["link", "set", "lo", "up"])?;
+    pod.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+    pod.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+    pod.ip(&[
+        "neigh",
+        "replace",
+        GATEWAY,
+        "lladdr",
+        HOST_MAC,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    node.ip(&["route", "add", &format!("{local}/32"), "dev", "hv0"])?;
+    node.ip(&[
+        "route",
+        "add",
+        &format!("{remote}/32"),
+        "via",
+        &remote_node.to_string(),
+        "dev",
+        "vx0",
+    ])?;
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.hv0.rp_filter", "0"),
+        ("net.ipv4.conf.vx0.rp_filter", "0"),
+    ] {
+        set_sysctl(&node.name, key, value)
+            .with_context(|| format!("in network namespace {}", node.name))?;
+    }
+    Ok(())
 }

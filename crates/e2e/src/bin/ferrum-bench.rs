@@ -49,6 +49,8 @@ struct Samples {
     ferrum_gbps: Vec<f64>,
     baseline_rr: Vec<RrSummary>,
     ferrum_rr: Vec<RrSummary>,
+    reference_gbps: Vec<f64>,
+    reference_rr: Vec<RrSummary>,
 }
 
 /// Picks one statistic out of a ping-pong summary.
@@ -58,6 +60,9 @@ struct Scenario {
     key: &'static str,
     baseline: Endpoints,
     ferrum: Endpoints,
+    /// Measured alongside, reported without a target: pods behind veth pairs forwarded by
+    /// plain kernel routing over the same baseline (what the veth hop costs without eBPF).
+    reference: Option<Endpoints>,
     samples: Samples,
 }
 
@@ -118,6 +123,7 @@ fn run(args: Args) -> Result<()> {
                 server_netns: b.netns.clone(),
                 server_ip: b.ip,
             },
+            reference: None,
             samples: Samples::default(),
         },
         Scenario {
@@ -128,6 +134,7 @@ fn run(args: Args) -> Result<()> {
                 server_netns: c.netns.clone(),
                 server_ip: c.ip,
             },
+            reference: Some(vxlan.routed_pod_endpoints()),
             samples: Samples::default(),
         },
     ];
@@ -135,7 +142,12 @@ fn run(args: Args) -> Result<()> {
     for repeat in 1..=args.repeats {
         for s in &mut scenarios {
             // Interleaved baseline, ferrum, so slow phases of a shared machine hit both.
-            for (which, ep) in [("baseline", &s.baseline), ("ferrum", &s.ferrum)] {
+            let runs = [
+                Some(("baseline", &s.baseline)),
+                Some(("ferrum", &s.ferrum)),
+                s.reference.as_ref().map(|r| ("kernel_routed", r)),
+            ];
+            for (which, ep) in runs.into_iter().flatten() {
                 check_interrupted()?;
                 let tp = traffic::iperf3(ep, args.duration)
                     .with_context(|| format!("{} {which} throughput", s.key))?;
@@ -159,13 +171,13 @@ fn run(args: Args) -> Result<()> {
                     p99_us = rr.p99_us,
                     "request/response"
                 );
-                if which == "baseline" {
-                    s.samples.baseline_gbps.push(tp.gbit_per_s);
-                    s.samples.baseline_rr.push(rr);
-                } else {
-                    s.samples.ferrum_gbps.push(tp.gbit_per_s);
-                    s.samples.ferrum_rr.push(rr);
-                }
+                let (gbps, rrs) = match which {
+                    "baseline" => (&mut s.samples.baseline_gbps, &mut s.samples.baseline_rr),
+                    "ferrum" => (&mut s.samples.ferrum_gbps, &mut s.samples.ferrum_rr),
+                    _ => (&mut s.samples.reference_gbps, &mut s.samples.reference_rr),
+                };
+                gbps.push(tp.gbit_per_s);
+                rrs.push(rr);
             }
         }
     }
@@ -190,6 +202,46 @@ fn run(args: Args) -> Result<()> {
             s.samples.ferrum_gbps.clone(),
             Target::RatioAtLeast(0.9),
         ));
+        // Slow phases of a shared machine hit both runs of a repeat alike; the median of the
+        // per-repeat ratios is the steadier figure when the machine is noisy.
+        let paired: Vec<f64> = s
+            .samples
+            .ferrum_gbps
+            .iter()
+            .zip(&s.samples.baseline_gbps)
+            .map(|(f, b)| f / b)
+            .collect();
+        if let Some(ratio) = median(&paired) {
+            metrics.push(Metric::absolute(
+                &format!("{}_tcp_throughput_paired_ratio", s.key),
+                "x",
+                "median of per-repeat ferrum/baseline",
+                ratio,
+                Target::None,
+            ));
+        }
+        if s.reference.is_some() {
+            metrics.push(Metric::compared(
+                &format!("{}_kernel_routed_tcp_throughput", s.key),
+                "Gbit/s",
+                "best of repeats",
+                max,
+                s.samples.baseline_gbps.clone(),
+                s.samples.reference_gbps.clone(),
+                Target::None,
+            ));
+            for (stat, get) in [("p50", (|r| r.p50_us) as RrField), ("p99", |r| r.p99_us)] {
+                metrics.push(Metric::compared(
+                    &format!("{}_kernel_routed_tcp_rr_{stat}", s.key),
+                    "us",
+                    "median of repeats",
+                    median,
+                    s.samples.baseline_rr.iter().map(get).collect(),
+                    s.samples.reference_rr.iter().map(get).collect(),
+                    Target::None,
+                ));
+            }
+        }
         let field: [(&str, RrField); 3] = [
             ("mean", |r| r.mean_us),
             ("p50", |r| r.p50_us),
@@ -259,6 +311,7 @@ fn run(args: Args) -> Result<()> {
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "baselineSameNode": "veth pair between two namespaces (MTU = pod MTU)",
             "baselineCrossNode": "unicast kernel VXLAN (dstport 8472, MTU 1450) between two namespaces bridged by a third",
+            "referenceCrossNode": "kernel_routed rows: pods behind veth pairs on those two namespaces, forwarded by plain kernel routing over the same VXLAN devices (no eBPF); the ferrum column holds their values",
         }),
         method: serde_json::json!({
             "throughput": "iperf3 single TCP stream; best (max) of the interleaved repeats",
