@@ -1539,6 +1539,125 @@ static __always_inline int lb_from_uplink(struct __sk_buff *skb, const struct fe
 	return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, f);
 }
 
+/* Ones-complement checksum after a 16-bit word changes (RFC 1624); on raw memory values, so
+ * byte order does not matter as long as all are loaded alike. */
+static __always_inline __u16 csum_replace_u16(__u16 check, __u16 from, __u16 to)
+{
+	__u32 s = (__u16)~check + (__u32)(__u16)~from + to;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return ~(__u16)s;
+}
+
+static __always_inline __u16 csum_replace_u32(__u16 check, __u32 from, __u32 to)
+{
+	check = csum_replace_u16(check, (__u16)from, (__u16)to);
+	return csum_replace_u16(check, (__u16)(from >> 16), (__u16)(to >> 16));
+}
+
+/* Rewrites a 16-bit checksum field inside an ICMP error's quoted packet and keeps the ICMP
+ * checksum (which covers the field) right. Fields beyond a truncated quote are left alone. */
+static __always_inline int quoted_csum_update(struct __sk_buff *skb, __u32 icmp_csum, __u32 off,
+					      __u32 from, __u32 to, int words, int udp)
+{
+	__u16 old, new;
+
+	if (bpf_skb_load_bytes(skb, off, &old, sizeof(old)) < 0 || (udp && !old))
+		return 0;
+	new = words == 2 ? csum_replace_u32(old, from, to) :
+			   csum_replace_u16(old, (__u16)from, (__u16)to);
+	if (udp && !new)
+		new = 0xffff;
+	if (bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old, new, sizeof(new)) < 0)
+		return -1;
+	return 0;
+}
+
+/* An ICMP error (fragmentation needed, unreachable, time exceeded) about a packet this node
+ * SNAT'd belongs to the pod that sent it: the quoted packet gets the pod's address and port
+ * back, the outer destination becomes the pod, and the error goes in as related traffic.
+ * Without this, path MTU discovery fails for every pod connection leaving the cluster.
+ * A global function: verified once, and it keeps from_uplink's stack small. Returns
+ * ICMP_ERROR_TO_POD once the packet is the pod's, else a verdict. */
+#define ICMP_ERROR_TO_POD -3
+__attribute__((noinline)) int ferrum_snat_icmp_error(struct __sk_buff *skb, struct flow *f)
+{
+	struct ferrum_config *cfg = config();
+	struct ferrum_nat_key rev = {};
+	struct ferrum_nat_value *rv;
+	struct iphdr quoted;
+	__u32 icmp_csum, qoff, q4, port_off, csum_off, node, pod_addr;
+	__u16 ports[2] = {}, nat_port, pod_port;
+	int csum_words, udp = 0;
+
+	if (!cfg || !f)
+		return TC_ACT_OK;
+	icmp_csum = f->l4_off + offsetof(struct icmp_echo_hdr, checksum);
+	qoff = f->l4_off + sizeof(struct icmp_echo_hdr);
+	node = cfg->node_ip;
+	if (bpf_skb_load_bytes(skb, qoff, &quoted, sizeof(quoted)) < 0 || quoted.version != 4 ||
+	    quoted.ihl < 5 || quoted.saddr != node)
+		return TC_ACT_OK;
+	q4 = qoff + quoted.ihl * 4;
+	if (quoted.protocol == IPPROTO_TCP || quoted.protocol == IPPROTO_UDP) {
+		if (bpf_skb_load_bytes(skb, q4, ports, sizeof(ports)) < 0)
+			return TC_ACT_OK;
+		udp = quoted.protocol == IPPROTO_UDP;
+		port_off = q4;
+		csum_off = q4 + (udp ? 6 : 16);
+		csum_words = 2; /* the pseudo header's source address changes too */
+		rev.port_a = ports[1];
+	} else if (quoted.protocol == IPPROTO_ICMP) {
+		struct icmp_echo_hdr echo;
+
+		if (bpf_skb_load_bytes(skb, q4, &echo, sizeof(echo)) < 0 || echo.type != ICMP_ECHO)
+			return TC_ACT_OK;
+		ports[0] = echo.id;
+		port_off = q4 + offsetof(struct icmp_echo_hdr, id);
+		csum_off = q4 + offsetof(struct icmp_echo_hdr, checksum);
+		csum_words = 0; /* no pseudo header */
+	} else {
+		return TC_ACT_OK;
+	}
+	/* Oriented like a reply: remote side first, this node's SNAT address and port second. */
+	rev.addr_a = quoted.daddr;
+	rev.addr_b = node;
+	rev.port_b = ports[0];
+	rev.proto = quoted.protocol;
+	rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
+	if (!rv)
+		return TC_ACT_OK;
+	pod_addr = rv->addr;
+	pod_port = rv->port;
+	nat_port = ports[0];
+
+	/* The quoted transport checksum: source port, and for TCP/UDP the pseudo header. */
+	if (csum_words == 2 &&
+	    quoted_csum_update(skb, icmp_csum, csum_off, node, pod_addr, 2, udp) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	if (quoted_csum_update(skb, icmp_csum, csum_off, nat_port, pod_port, 1, udp) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	if (bpf_skb_store_bytes(skb, port_off, &pod_port, sizeof(pod_port), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, nat_port, pod_port, sizeof(pod_port)) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	/* The quoted source address and its header checksum. */
+	if (quoted_csum_update(skb, icmp_csum, qoff + offsetof(struct iphdr, check), node,
+			       pod_addr, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, qoff + offsetof(struct iphdr, saddr), &pod_addr,
+				sizeof(pod_addr), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, node, pod_addr, sizeof(pod_addr)) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	/* The outer destination (ICMP has no pseudo header). */
+	if (bpf_skb_store_bytes(skb, IP_DADDR_OFF, &pod_addr, sizeof(pod_addr), 0) < 0 ||
+	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, node, pod_addr, sizeof(pod_addr)) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	f->daddr = pod_addr;
+	trace(skb, cfg, FERRUM_TRACE_REV_SNAT, f, 0, pod_addr, pod_port);
+	return ICMP_ERROR_TO_POD;
+}
+
 /* tcx ingress on the uplink: reverse-SNAT replies and hand them to the pod. */
 SEC("classifier/from_uplink")
 int from_uplink(struct __sk_buff *skb)
@@ -1553,7 +1672,24 @@ int from_uplink(struct __sk_buff *skb)
 
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
-	if (parse_ipv4(skb, &f) < 0 || !f.has_ports)
+	if (parse_ipv4(skb, &f) < 0)
+		return TC_ACT_OK;
+	if (f.proto == IPPROTO_ICMP && f.daddr == cfg->node_ip &&
+	    (f.icmp_type == ICMP_ERR_UNREACH || f.icmp_type == ICMP_ERR_TIME_EXCEEDED ||
+	     f.icmp_type == ICMP_ERR_PARAMETER)) {
+		int rc = ferrum_snat_icmp_error(skb, &f);
+
+		if (rc != ICMP_ERROR_TO_POD)
+			return rc;
+		ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
+		if (!ep)
+			return TC_ACT_OK;
+		/* Related to the pod's connection: policy finds it through the quote. */
+		if (ferrum_policy_check(skb, &f, f.saddr) != POLICY_ALLOW)
+			return TC_ACT_SHOT;
+		return to_endpoint(skb, cfg, ep, &f);
+	}
+	if (!f.has_ports)
 		return TC_ACT_OK;
 	/* The overlay's own datagrams, the bulk of what arrives here: straight to the VXLAN
 	 * socket, no Service or NAT lookups. */

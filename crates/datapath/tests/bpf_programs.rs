@@ -346,6 +346,101 @@ fn tcp_to_outside_is_snatted_with_a_stable_port_per_flow() -> Result<()> {
     Ok(())
 }
 
+/// An ICMP error from a router on the way (here "fragmentation needed", MTU 1300) about a
+/// packet the node SNAT'd: the node's address and port in the quote become the pod's again,
+/// every checksum stays valid, and the error goes into the pod (path MTU discovery).
+#[test]
+fn icmp_errors_about_snatted_packets_go_back_to_the_pod() -> Result<()> {
+    let mut f = fixture()?;
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let frag_needed = |quoted: &[u8]| {
+        let icmp = packet::icmp_error(3, 4, [0, 0, 0x05, 0x14], quoted);
+        packet::ethernet(
+            UPLINK_MAC,
+            ROUTER_MAC,
+            0x0800,
+            &packet::ipv4(router, NODE_IP, packet::PROTO_ICMP, &icmp),
+        )
+    };
+    // The quote as it came back: the SNAT'd packet's IP header and transport header.
+    let quote_of = |frame: &[u8], len: usize| frame[14..14 + len].to_vec();
+
+    let cases: [(Vec<u8>, usize, u16); 3] = [
+        (
+            packet::tcp_frame(
+                HOST_MAC_A,
+                ROUTER_MAC,
+                sa(POD_A, 40000),
+                sa(EXTERNAL, 443),
+                b"x",
+            ),
+            20 + 20, // IP + the whole TCP header: its checksum is in the quote
+            40000,
+        ),
+        (
+            packet::udp_frame(
+                HOST_MAC_A,
+                ROUTER_MAC,
+                sa(POD_A, 5353),
+                sa(EXTERNAL, 53),
+                b"q",
+                true,
+            ),
+            20 + 8 + 1,
+            5353,
+        ),
+        (
+            packet::icmp_echo_frame(HOST_MAC_A, ROUTER_MAC, POD_A, EXTERNAL, true, 77),
+            20 + 8,
+            77,
+        ),
+    ];
+    for (request, quote_len, pod_port) in cases {
+        let out = f.dp.test_run(Program::ToUplink, &request, f.veth_b, 1)?;
+        assert_eq!(out.retval, TC_ACT_OK);
+        let snatted = out.frame;
+        let error = frag_needed(&quote_of(&snatted, quote_len));
+        let out = f.dp.test_run(Program::FromUplink, &error, f.veth_b, 1)?;
+        assert_eq!(out.retval, TC_ACT_REDIRECT, "into the pod");
+        packet::verify_checksums(&out.frame)?;
+        let p = packet::parse(&out.frame)?;
+        assert_eq!((p.src, p.dst, p.icmp_type), (router, POD_A, Some(3)));
+        assert_eq!((p.eth_dst, p.eth_src), (MAC_A, HOST_MAC_A));
+        // The quote is the pod's own packet again, with valid checksums.
+        let quote = &out.frame[14 + 20 + 8..];
+        assert_eq!(
+            quote,
+            &quote_of(&request, quote_len)[..],
+            "the pod's packet, byte for byte"
+        );
+        let port_at = if quote[9] == packet::PROTO_ICMP {
+            24
+        } else {
+            20
+        };
+        assert_eq!(
+            u16::from_be_bytes([quote[port_at], quote[port_at + 1]]),
+            pod_port
+        );
+        assert_eq!(&quote[12..16], &POD_A.octets());
+    }
+
+    // An error about a packet nobody SNAT'd goes to the node's stack untouched.
+    let stray = frag_needed(&quote_of(
+        &packet::tcp_frame(
+            UPLINK_MAC,
+            ROUTER_MAC,
+            sa(NODE_IP, 61999),
+            sa(EXTERNAL, 443),
+            b"",
+        ),
+        40,
+    ));
+    let out = f.dp.test_run(Program::FromUplink, &stray, f.veth_b, 1)?;
+    assert_eq!((out.retval, &out.frame), (TC_ACT_OK, &stray));
+    Ok(())
+}
+
 #[test]
 fn reply_is_reverse_snatted_and_redirected_to_the_pod() -> Result<()> {
     let mut f = fixture()?;

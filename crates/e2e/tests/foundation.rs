@@ -115,6 +115,67 @@ fn pod_traffic_to_the_external_host_leaves_with_the_node_ip() -> Result<()> {
     Ok(())
 }
 
+/// Path MTU discovery through the SNAT: the fabric's link to the external host gets a smaller
+/// MTU than the pod's, so the fabric answers the pod's full-size segments with ICMP
+/// "fragmentation needed" addressed to the node IP. Only if the node hands that error back to
+/// the pod (quote translated to the pod's address and port) does the pod's TCP shrink its
+/// segments; otherwise the upload stalls in a black hole.
+#[test]
+fn path_mtu_discovery_works_through_the_snat() -> Result<()> {
+    const UPLOAD: usize = 512 * 1024;
+    let lab = Lab::up(1, &[])?;
+    lab.apply(&pod_yaml("default", "a", "node-0"))?;
+    let a_ns = lab.pod_netns("default", "a")?;
+    let ext_ip: Ipv4Addr = lab.status()?["external"]["ip"]
+        .as_str()
+        .context("external ip")?
+        .parse()?;
+    let fabric = lab.paths.fabric_netns();
+    let out = std::process::Command::new("ip")
+        .args(["-n", &fabric, "link", "set", "ext", "mtu", "1300"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "lowering the fabric's MTU toward the external host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The external host counts what it receives and answers with the count.
+    let listener = run_in_netns(&lab.external_netns(), move || {
+        TcpListener::bind((ext_ip, 8081))
+    })??;
+    let server = std::thread::spawn(move || -> Result<usize> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut total = 0;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        s.write_all(total.to_string().as_bytes())?;
+        Ok(total)
+    });
+    let answer = run_in_netns(&a_ns, move || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((ext_ip, 8081)), TIMEOUT)?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&vec![7u8; UPLOAD])
+            .context("the upload stalled: no path MTU learned through the SNAT")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .context("no answer: the upload never completed")?;
+        Ok(out)
+    })??;
+    assert_eq!(answer, UPLOAD.to_string());
+    assert_eq!(server.join().expect("server thread")?, UPLOAD);
+    Ok(())
+}
+
 /// The node's agent pid; None while no agent runs (between a kill and the restart).
 fn agent_pid(lab: &Lab, node: &str) -> Result<Option<i32>> {
     let status = lab.status()?;

@@ -126,6 +126,18 @@ pub fn icmp_echo(request: bool, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     msg
 }
 
+/// ICMP error (`icmp_type`/`code`, e.g. 3/4 "fragmentation needed") whose second header word
+/// is `rest` (for 3/4: unused, next-hop MTU) and which quotes `quoted` (an IPv4 packet or its
+/// start), with a valid checksum.
+pub fn icmp_error(icmp_type: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut msg = vec![icmp_type, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(quoted);
+    let csum = checksum(&msg);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    msg
+}
+
 pub fn tcp_frame(
     src_mac: Mac,
     dst_mac: Mac,
