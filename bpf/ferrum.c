@@ -1419,10 +1419,52 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 
 /* Finds the NAT port of a flow, allocating one (and both table entries) for a new flow.
  * Returns the port in network order, 0 when the range is exhausted. */
+/* How long a SNAT port stays bound to its flow after the flow's last packet. Expired ports are
+ * taken by new flows when needed; memory is bounded by the LRU maps either way. */
+#define FERRUM_NAT_TCP_NS (6ULL * 3600 * 1000000000ULL)	 /* established (as Cilium) */
+#define FERRUM_NAT_TCP_OPENING_NS (60ULL * 1000000000ULL) /* no answer yet */
+#define FERRUM_NAT_TCP_CLOSING_NS (10ULL * 1000000000ULL) /* after FIN or RST */
+#define FERRUM_NAT_OTHER_NS (60ULL * 1000000000ULL)	 /* UDP, ICMP echo */
+#define FERRUM_NAT_REFRESH_NS 1000000000ULL /* last_ns is rewritten at most once a second */
+
+static __always_inline int nat_expired(const struct ferrum_nat_value *v, __u8 proto, __u64 now)
+{
+	__u64 lifetime = FERRUM_NAT_OTHER_NS;
+
+	if (proto == IPPROTO_TCP)
+		lifetime = (v->flags & FERRUM_NAT_CLOSING)  ? FERRUM_NAT_TCP_CLOSING_NS :
+			   (v->flags & FERRUM_NAT_REPLIED) ? FERRUM_NAT_TCP_NS :
+							     FERRUM_NAT_TCP_OPENING_NS;
+	/* Entries stamped by older programs' precise clock may be a tick ahead. */
+	return now > v->last_ns && now - v->last_ns >= lifetime;
+}
+
+/* A packet of the flow a reverse entry belongs to, in either direction: keeps the port bound
+ * and follows the TCP connection's end (a new SYN on a reused tuple starts over). */
+static __always_inline void nat_seen(struct ferrum_nat_value *rv, const struct flow *f, int reply,
+				     __u64 now)
+{
+	__u16 flags = rv->flags;
+
+	if (reply)
+		flags |= FERRUM_NAT_REPLIED;
+	if (f->proto == IPPROTO_TCP) {
+		if (f->tcp_flags & (TCP_FIN | TCP_RST))
+			flags |= FERRUM_NAT_CLOSING;
+		else if (!reply && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			flags = 0;
+	}
+	if (flags != rv->flags)
+		rv->flags = flags;
+	if (now > rv->last_ns + FERRUM_NAT_REFRESH_NS)
+		rv->last_ns = now;
+}
+
 static __always_inline __u16 nat_port_for(const struct ferrum_config *cfg, const struct flow *f)
 {
 	struct ferrum_nat_key fwd = {}, rev = {};
 	struct ferrum_nat_value *fv, *rv, val = {};
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u32 range, start, i;
 
 	fwd.addr_a = f->saddr;
@@ -1440,16 +1482,19 @@ static __always_inline __u16 nat_port_for(const struct ferrum_config *cfg, const
 		__u16 port = fv->port;
 		rev.port_b = port;
 		rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
-		if (rv && rv->addr == f->saddr && rv->port == f->sport)
+		if (rv && rv->addr == f->saddr && rv->port == f->sport) {
+			nat_seen(rv, f, 0, now);
 			return port;
+		}
 		if (!rv) {
 			/* LRU evicted only the reverse half: restore it if the port is still free. */
 			val.addr = f->saddr;
 			val.port = f->sport;
-			val.created_ns = bpf_ktime_get_ns();
+			val.last_ns = now;
 			if (bpf_map_update_elem(&ferrum_nat_rev, &rev, &val, BPF_NOEXIST) == 0)
 				return port;
 		}
+		/* Otherwise the port went to another flow after this one expired: pick anew. */
 	}
 
 	if (cfg->nat_port_max < cfg->nat_port_min || cfg->nat_port_min == 0)
@@ -1458,15 +1503,27 @@ static __always_inline __u16 nat_port_for(const struct ferrum_config *cfg, const
 	start = flow_hash(&fwd) % range;
 	val.addr = f->saddr;
 	val.port = f->sport;
-	val.created_ns = bpf_ktime_get_ns();
+	val.last_ns = now;
 	for (i = 0; i < NAT_PORT_TRIES && i < range; i++) {
 		__u16 port = bpf_htons((__u16)(cfg->nat_port_min + (start + i) % range));
+		int rc;
+
 		rev.port_b = port;
-		if (bpf_map_update_elem(&ferrum_nat_rev, &rev, &val, BPF_NOEXIST) == 0) {
+		rc = bpf_map_update_elem(&ferrum_nat_rev, &rev, &val, BPF_NOEXIST);
+		if (rc < 0) {
+			/* Taken: by an expired flow, the port is free again. Deleting first and
+			 * inserting with NOEXIST lets only one of two racing new flows have it. */
+			rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
+			if (!rv || !nat_expired(rv, f->proto, now))
+				continue;
+			bpf_map_delete_elem(&ferrum_nat_rev, &rev);
+			rc = bpf_map_update_elem(&ferrum_nat_rev, &rev, &val, BPF_NOEXIST);
+		}
+		if (rc == 0) {
 			struct ferrum_nat_value fval = {};
 			fval.addr = cfg->node_ip;
 			fval.port = port;
-			fval.created_ns = val.created_ns;
+			fval.last_ns = now;
 			if (bpf_map_update_elem(&ferrum_nat, &fwd, &fval, BPF_ANY) < 0) {
 				bpf_map_delete_elem(&ferrum_nat_rev, &rev);
 				return 0;
@@ -1721,6 +1778,7 @@ int from_uplink(struct __sk_buff *skb)
 	rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
 	if (!rv)
 		return TC_ACT_OK;
+	nat_seen(rv, &f, 1, bpf_ktime_get_coarse_ns());
 	pod_addr = rv->addr;
 	pod_port = rv->port;
 	if (rewrite(skb, &f, 0, f.daddr, pod_addr, f.dport, pod_port) < 0)

@@ -77,9 +77,13 @@ struct ferrum_nat_key {
 struct ferrum_nat_value {
 	__u32 addr;
 	__u16 port;
-	__u16 pad;
-	__u64 created_ns;
+	__u16 flags; /* FERRUM_NAT_* (reverse entries) */
+	__u64 last_ns; /* last packet seen (coarse monotonic clock) */
 };
+/* The remote side has answered (TCP: the entry lives as long as an established connection). */
+#define FERRUM_NAT_REPLIED (1U << 0)
+/* A FIN or RST was seen: the port is free again soon after the last packet. */
+#define FERRUM_NAT_CLOSING (1U << 1)
 #define FERRUM_NAT_VALUE_SIZE 16
 
 /* ferrum_events: ring buffer records. */

@@ -634,6 +634,122 @@ fn exhausted_nat_port_range_drops_new_flows() -> Result<()> {
     Ok(())
 }
 
+/// Test-side mirrors of `struct ferrum_nat_key` / `struct ferrum_nat_value` (bpf/ferrum.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NatKey {
+    addr_a: u32,
+    addr_b: u32,
+    port_a: u16,
+    port_b: u16,
+    proto: u8,
+    pad: [u8; 3],
+}
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NatValue {
+    addr: u32,
+    port: u16,
+    flags: u16,
+    last_ns: u64,
+}
+// SAFETY: plain C structs without padding holes the kernel would not fill.
+unsafe impl aya::Pod for NatKey {}
+unsafe impl aya::Pod for NatValue {}
+
+/// Moves the last packet of every SNAT flow `secs` into the past: the programs' clock cannot
+/// be wound forward, their map entries can be wound back.
+fn age_snat_flows(f: &Fixture, secs: u64) -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(f.pins.path.join("ferrum_nat_rev"))?;
+    let mut map: HashMap<_, NatKey, NatValue> = HashMap::try_from(Map::LruHashMap(data))?;
+    let entries = map.iter().collect::<Result<Vec<_>, _>>()?;
+    for (key, mut value) in entries {
+        value.last_ns = value.last_ns.saturating_sub(secs * 1_000_000_000);
+        map.insert(key, value, 0)?;
+    }
+    Ok(())
+}
+
+/// A SNAT port stays with its flow while the flow lives and goes to a new flow once the old
+/// one has expired: 60 s without an answer, 6 h once answered, 10 s after FIN or RST. Without
+/// expiry, every port toward one remote address and port would be used up for good.
+#[test]
+fn snat_ports_expire_with_their_flows_and_are_reused() -> Result<()> {
+    use packet::{TCP_ACK, TCP_FIN, TCP_SYN};
+    let mut f = fixture_with_ports(61000..=61001)?;
+    let out = |sport, flags| {
+        packet::tcp_frame_flags(
+            HOST_MAC_B,
+            ROUTER_MAC,
+            sa(POD_A, sport),
+            sa(EXTERNAL, 80),
+            flags,
+        )
+    };
+    let back = |nat_port, flags| {
+        packet::tcp_frame_flags(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            sa(EXTERNAL, 80),
+            sa(NODE_IP, nat_port),
+            flags,
+        )
+    };
+    let refused = |f: &mut Fixture, sport| -> Result<bool> {
+        let r =
+            f.dp.test_run(Program::ToUplink, &out(sport, TCP_SYN), f.veth_b, 1)?;
+        Ok(r.retval == TC_ACT_SHOT)
+    };
+
+    // Two ports, two flows; the one toward the same remote that follows finds none.
+    let answered = snat(&mut f, &out(40000, TCP_SYN))?.sport;
+    let unanswered = snat(&mut f, &out(40001, TCP_SYN))?.sport;
+    assert!(refused(&mut f, 40002)?);
+    let reply = f.dp.test_run(
+        Program::FromUplink,
+        &back(answered, TCP_SYN | TCP_ACK),
+        f.veth_b,
+        1,
+    )?;
+    assert_eq!(reply.retval, TC_ACT_REDIRECT);
+    let state: Vec<_> =
+        f.dp.nat_entries()?
+            .iter()
+            .map(|e| (e.pod.port(), e.replied, e.closing))
+            .collect();
+    assert_eq!(state, vec![(40000, true, false), (40001, false, false)]);
+
+    // A minute later the unanswered flow has expired and its port goes to the new flow; the
+    // answered one keeps its port and its replies.
+    age_snat_flows(&f, 61)?;
+    assert_eq!(snat(&mut f, &out(40002, TCP_SYN))?.sport, unanswered);
+    assert!(refused(&mut f, 40003)?);
+    let reply =
+        f.dp.test_run(Program::FromUplink, &back(answered, TCP_ACK), f.veth_b, 1)?;
+    assert_eq!(reply.retval, TC_ACT_REDIRECT);
+    assert_eq!(packet::parse(&reply.frame)?.dport, 40000);
+
+    // Packets keep a flow alive: 40002 sends again before aging, so it is not taken.
+    age_snat_flows(&f, 50)?;
+    assert_eq!(snat(&mut f, &out(40002, TCP_ACK))?.sport, unanswered);
+    age_snat_flows(&f, 30)?;
+    assert!(refused(&mut f, 40003)?, "40002 was seen 30 s ago");
+
+    // The answered flow closes: 10 s after its FIN its port is free again.
+    snat(&mut f, &out(40000, TCP_FIN | TCP_ACK))?;
+    assert!(
+        f.dp.nat_entries()?
+            .iter()
+            .any(|e| e.pod.port() == 40000 && e.closing)
+    );
+    age_snat_flows(&f, 5)?;
+    assert!(refused(&mut f, 40003)?, "closing, but only 5 s ago");
+    age_snat_flows(&f, 6)?;
+    assert_eq!(snat(&mut f, &out(40003, TCP_SYN))?.sport, answered);
+    Ok(())
+}
+
 #[test]
 fn trace_events_are_off_unless_configured() -> Result<()> {
     let mut f = fixture()?;

@@ -61,8 +61,8 @@ pub(crate) struct RawNatKey {
 pub(crate) struct RawNatValue {
     pub addr: u32,
     pub port: u16,
-    pub pad: u16,
-    pub created_ns: u64,
+    pub flags: u16,
+    pub last_ns: u64,
 }
 
 /// `struct ferrum_event`.

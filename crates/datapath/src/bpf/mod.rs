@@ -58,6 +58,9 @@ const MAP_ENDPOINTS: &str = "ferrum_endpoints";
 const MAP_IPCACHE: &str = "ferrum_ipcache";
 const MAP_NAT: &str = "ferrum_nat";
 const MAP_NAT_REV: &str = "ferrum_nat_rev";
+/// `ferrum_nat_value.flags` (bpf/ferrum.h FERRUM_NAT_*).
+const NAT_REPLIED: u16 = 1;
+const NAT_CLOSING: u16 = 1 << 1;
 const MAP_EVENTS: &str = "ferrum_events";
 const MAP_EVENTS_LOST: &str = "ferrum_events_lost";
 const MAP_FLOW_AGG: &str = "ferrum_flow_agg";
@@ -284,6 +287,9 @@ pub struct NatEntry {
     /// Node address and allocated port (ICMP: echo id).
     pub nat: SocketAddrV4,
     pub has_reverse: bool,
+    /// From the reverse entry: the remote side answered / a FIN or RST was seen.
+    pub replied: bool,
+    pub closing: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -858,17 +864,20 @@ impl Datapath {
                 proto: key.proto,
                 pad: [0; 3],
             };
-            let has_reverse = match rev.get(&rev_key, 0) {
-                Ok(back) => back.addr == key.addr_a && back.port == key.port_a,
-                Err(MapError::KeyNotFound) => false,
+            let back = match rev.get(&rev_key, 0) {
+                Ok(back) if back.addr == key.addr_a && back.port == key.port_a => Some(back),
+                Ok(_) | Err(MapError::KeyNotFound) => None,
                 Err(source) => return Err(map_op_err(MAP_NAT_REV, "look up")(source)),
             };
+            let flag = |bit: u16| back.is_some_and(|b| b.flags & bit != 0);
             out.push(NatEntry {
                 proto: key.proto,
                 pod: SocketAddrV4::new(addr_from_raw(key.addr_a), port_from_raw(key.port_a)),
                 remote: SocketAddrV4::new(addr_from_raw(key.addr_b), port_from_raw(key.port_b)),
                 nat: SocketAddrV4::new(addr_from_raw(value.addr), port_from_raw(value.port)),
-                has_reverse,
+                has_reverse: back.is_some(),
+                replied: flag(NAT_REPLIED),
+                closing: flag(NAT_CLOSING),
             });
         }
         out.sort_by_key(|e| (e.proto, e.pod, e.remote));

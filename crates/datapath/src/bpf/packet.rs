@@ -79,13 +79,23 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> 
 
 /// TCP segment (SYN when `syn`, else ACK) with a valid checksum.
 pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, payload: &[u8]) -> Vec<u8> {
+    tcp_with_flags(src, dst, if syn { TCP_SYN } else { TCP_ACK }, payload)
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// TCP segment with the given flags (`TCP_*`) and a valid checksum.
+pub fn tcp_with_flags(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut seg = Vec::with_capacity(20 + payload.len());
     seg.extend_from_slice(&src.port().to_be_bytes());
     seg.extend_from_slice(&dst.port().to_be_bytes());
     seg.extend_from_slice(&1000u32.to_be_bytes());
     seg.extend_from_slice(&0u32.to_be_bytes());
     seg.push(5 << 4);
-    seg.push(if syn { 0x02 } else { 0x10 });
+    seg.push(flags);
     seg.extend_from_slice(&64240u16.to_be_bytes());
     seg.extend_from_slice(&[0, 0, 0, 0]);
     seg.extend_from_slice(payload);
@@ -146,6 +156,23 @@ pub fn tcp_frame(
     payload: &[u8],
 ) -> Vec<u8> {
     let seg = tcp(src, dst, true, payload);
+    ethernet(
+        dst_mac,
+        src_mac,
+        ETH_P_IP,
+        &ipv4(*src.ip(), *dst.ip(), PROTO_TCP, &seg),
+    )
+}
+
+/// Like [`tcp_frame`] with the given TCP flags (`TCP_*`).
+pub fn tcp_frame_flags(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    flags: u8,
+) -> Vec<u8> {
+    let seg = tcp_with_flags(src, dst, flags, b"");
     ethernet(
         dst_mac,
         src_mac,

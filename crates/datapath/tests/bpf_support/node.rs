@@ -29,7 +29,7 @@ pub struct Fixture {
     pub events: EventReader,
     pub veth_a: u32,
     pub veth_b: u32,
-    _pins: PinDir,
+    pub pins: PinDir,
     pub ns: Netns,
 }
 
@@ -85,7 +85,7 @@ pub fn fixture(prefix: &str, nat_ports: RangeInclusive<u16>) -> Result<Fixture> 
         events,
         veth_a,
         veth_b,
-        _pins: pins,
+        pins,
         ns,
     })
 }
