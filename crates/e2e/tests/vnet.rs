@@ -100,6 +100,30 @@ fn vnet_mode_batches_underlay_routing_exhaustion_and_max_pods() -> Result<()> {
         lab.exec("default", "b", &["nc", "-w", "3", &a.to_string(), "80"])?,
         (0, "a\n".into())
     );
+    // A ClusterIP whose backend is on the other node: the request goes out natively and the
+    // reply, arriving on node-0's uplink, is translated back to the VIP.
+    lab.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: to-b}\n\
+         spec: {selector: {app: b}, ports: [{port: 8000, targetPort: 80}]}\n",
+    )?;
+    let services: Value =
+        serde_json::from_str(&lab.ferrum_ok(&["get", "services", "-o", "json"])?)?;
+    let vip = services["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|s| s["metadata"]["name"] == "to-b"))
+        .and_then(|s| s["spec"]["clusterIP"].as_str())
+        .with_context(|| format!("no clusterIP for to-b: {services}"))?
+        .to_string();
+    let mut last = (0, String::new());
+    wait_for(
+        "the Service to answer through its VIP",
+        Duration::from_secs(10),
+        || {
+            last = lab.exec("default", "a", &["nc", "-w", "3", &vip, "8000"])?;
+            Ok(last == (0, "b\n".into()))
+        },
+    )
+    .with_context(|| format!("last answer {last:?}"))?;
 
     // Fill node-1: it holds 14 addresses and the subnet is full, so the 15th pod cannot start.
     let mut yaml = String::new();
