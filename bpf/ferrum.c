@@ -794,11 +794,54 @@ static __always_inline int policy_check_wire(struct __sk_buff *skb, struct flow 
 	return rc;
 }
 
+/* How long a SNAT port stays bound to its flow after the flow's last packet. Expired ports are
+ * taken by new flows when needed; memory is bounded by the LRU maps either way. */
+#define FERRUM_NAT_TCP_NS (6ULL * 3600 * 1000000000ULL)	 /* established (as Cilium) */
+#define FERRUM_NAT_TCP_OPENING_NS (60ULL * 1000000000ULL) /* no answer yet */
+#define FERRUM_NAT_TCP_CLOSING_NS (10ULL * 1000000000ULL) /* after FIN or RST */
+#define FERRUM_NAT_OTHER_NS (60ULL * 1000000000ULL)	 /* UDP, ICMP echo */
+#define FERRUM_NAT_REFRESH_NS 1000000000ULL /* last_ns is rewritten at most once a second */
+
+static __always_inline int nat_expired(const struct ferrum_nat_value *v, __u8 proto, __u64 now)
+{
+	__u64 lifetime = FERRUM_NAT_OTHER_NS;
+
+	if (proto == IPPROTO_TCP)
+		lifetime = (v->flags & FERRUM_NAT_CLOSING)  ? FERRUM_NAT_TCP_CLOSING_NS :
+			   (v->flags & FERRUM_NAT_REPLIED) ? FERRUM_NAT_TCP_NS :
+							     FERRUM_NAT_TCP_OPENING_NS;
+	/* Entries stamped by older programs' precise clock may be a tick ahead. */
+	return now > v->last_ns && now - v->last_ns >= lifetime;
+}
+
+/* A packet of the flow a reverse entry belongs to, in either direction: keeps the port bound
+ * and follows the TCP connection's end (a new SYN on a reused tuple starts over). */
+static __always_inline void nat_seen(struct ferrum_nat_value *rv, const struct flow *f, int reply,
+				     __u64 now)
+{
+	__u16 flags = rv->flags;
+
+	if (reply)
+		flags |= FERRUM_NAT_REPLIED;
+	if (f->proto == IPPROTO_TCP) {
+		if (f->tcp_flags & (TCP_FIN | TCP_RST))
+			flags |= FERRUM_NAT_CLOSING;
+		else if (!reply && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			flags = 0;
+	}
+	if (flags != rv->flags)
+		rv->flags = flags;
+	if (now > rv->last_ns + FERRUM_NAT_REFRESH_NS)
+		rv->last_ns = now;
+}
+
 /* ---- Service load balancing ------------------------------------------------------------ */
 
 #define LB_CONTINUE -1
 #define LB_TRANSLATED -2
 static __always_inline __u32 flow_hash(const struct ferrum_nat_key *k);
+static __always_inline void lb_snat_seen(const struct ferrum_nat_key *rkey, const struct flow *f,
+					 int reply);
 static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, int src,
 				   __u32 old_addr, __u32 new_addr, __u16 old_port, __u16 new_port);
 #define ICMP_DEST_UNREACH 3
@@ -837,6 +880,16 @@ struct {
 	__type(value, struct ferrum_lb_rev);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrum_lb_rev SEC(".maps");
+
+/* Masqueraded external clients (externalTrafficPolicy=Cluster): when each reverse entry's flow
+ * last sent a packet, so that its port on the node IP goes to a new flow once it expired. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ferrum_nat_key);
+	__type(value, struct ferrum_nat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_lb_snat_seen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -899,6 +952,8 @@ static __always_inline int lb_rev_nat(struct __sk_buff *skb, const struct ferrum
 	if (!rev)
 		return 0;
 	f->lb_rev = 1;
+	if (rev->client_addr && f->daddr == cfg->node_ip)
+		lb_snat_seen(&key, f, 1);
 	vip = rev->frontend_addr;
 	vport = rev->frontend_port;
 	client = rev->client_addr;
@@ -1058,6 +1113,8 @@ static __always_inline __u16 lb_snat_port(const struct ferrum_config *cfg,
 					   const struct ferrum_lb_rev *rev)
 {
 	struct ferrum_nat_key rkey = {};
+	struct ferrum_nat_value seen = {};
+	__u64 now = bpf_ktime_get_coarse_ns();
 	__u32 range, start, i;
 
 	if (cfg->nat_port_max < cfg->nat_port_min || cfg->nat_port_min == 0)
@@ -1068,13 +1125,45 @@ static __always_inline __u16 lb_snat_port(const struct ferrum_config *cfg,
 	rkey.addr_b = cfg->node_ip;
 	rkey.port_a = backend->port;
 	rkey.proto = fwd->proto;
+	seen.last_ns = now;
 	for (i = 0; i < NAT_PORT_TRIES && i < range; i++) {
 		__u16 port = bpf_htons((__u16)(cfg->nat_port_min + (start + i) % range));
+		int rc;
+
 		rkey.port_b = port;
-		if (bpf_map_update_elem(&ferrum_lb_rev, &rkey, rev, BPF_NOEXIST) == 0)
+		rc = bpf_map_update_elem(&ferrum_lb_rev, &rkey, rev, BPF_NOEXIST);
+		if (rc < 0) {
+			/* Held by a flow that has expired (or was never seen): free again. As for
+			 * pod SNAT, delete then NOEXIST so that one of two racing flows wins. */
+			struct ferrum_nat_value *last = bpf_map_lookup_elem(&ferrum_lb_snat_seen, &rkey);
+
+			if (last && !nat_expired(last, fwd->proto, now))
+				continue;
+			bpf_map_delete_elem(&ferrum_lb_rev, &rkey);
+			rc = bpf_map_update_elem(&ferrum_lb_rev, &rkey, rev, BPF_NOEXIST);
+		}
+		if (rc == 0) {
+			bpf_map_update_elem(&ferrum_lb_snat_seen, &rkey, &seen, BPF_ANY);
 			return port;
+		}
 	}
 	return 0;
+}
+
+/* A packet of a masqueraded flow (reverse key `rkey`), either direction: see nat_seen. */
+static __always_inline void lb_snat_seen(const struct ferrum_nat_key *rkey, const struct flow *f,
+					 int reply)
+{
+	struct ferrum_nat_value *last = bpf_map_lookup_elem(&ferrum_lb_snat_seen, rkey);
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	if (last) {
+		nat_seen(last, f, reply, now);
+	} else if (!reply) {
+		/* Evicted, or a flow from before ports expired: from now on it is seen. */
+		struct ferrum_nat_value fresh = { .last_ns = now };
+		bpf_map_update_elem(&ferrum_lb_snat_seen, rkey, &fresh, BPF_NOEXIST);
+	}
 }
 
 /* DNAT (and, for masqueraded or hairpinned clients, SNAT) of a balanced flow; scope external:
@@ -1155,6 +1244,8 @@ static __always_inline int lb_translate_inline(struct __sk_buff *skb,
 		rev.flags = external ? FERRUM_LB_REV_EXTERNAL : 0;
 		bpf_map_update_elem(&ferrum_lb_rev, &rkey, &rev, BPF_ANY);
 	}
+	if (newct.snat_addr && newct.snat_addr == cfg->node_ip)
+		lb_snat_seen(&rkey, f, 0);
 
 	if (rewrite(skb, f, 0, f->daddr, backend.addr, f->dport, backend.port) < 0)
 		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
@@ -1419,47 +1510,6 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 
 /* Finds the NAT port of a flow, allocating one (and both table entries) for a new flow.
  * Returns the port in network order, 0 when the range is exhausted. */
-/* How long a SNAT port stays bound to its flow after the flow's last packet. Expired ports are
- * taken by new flows when needed; memory is bounded by the LRU maps either way. */
-#define FERRUM_NAT_TCP_NS (6ULL * 3600 * 1000000000ULL)	 /* established (as Cilium) */
-#define FERRUM_NAT_TCP_OPENING_NS (60ULL * 1000000000ULL) /* no answer yet */
-#define FERRUM_NAT_TCP_CLOSING_NS (10ULL * 1000000000ULL) /* after FIN or RST */
-#define FERRUM_NAT_OTHER_NS (60ULL * 1000000000ULL)	 /* UDP, ICMP echo */
-#define FERRUM_NAT_REFRESH_NS 1000000000ULL /* last_ns is rewritten at most once a second */
-
-static __always_inline int nat_expired(const struct ferrum_nat_value *v, __u8 proto, __u64 now)
-{
-	__u64 lifetime = FERRUM_NAT_OTHER_NS;
-
-	if (proto == IPPROTO_TCP)
-		lifetime = (v->flags & FERRUM_NAT_CLOSING)  ? FERRUM_NAT_TCP_CLOSING_NS :
-			   (v->flags & FERRUM_NAT_REPLIED) ? FERRUM_NAT_TCP_NS :
-							     FERRUM_NAT_TCP_OPENING_NS;
-	/* Entries stamped by older programs' precise clock may be a tick ahead. */
-	return now > v->last_ns && now - v->last_ns >= lifetime;
-}
-
-/* A packet of the flow a reverse entry belongs to, in either direction: keeps the port bound
- * and follows the TCP connection's end (a new SYN on a reused tuple starts over). */
-static __always_inline void nat_seen(struct ferrum_nat_value *rv, const struct flow *f, int reply,
-				     __u64 now)
-{
-	__u16 flags = rv->flags;
-
-	if (reply)
-		flags |= FERRUM_NAT_REPLIED;
-	if (f->proto == IPPROTO_TCP) {
-		if (f->tcp_flags & (TCP_FIN | TCP_RST))
-			flags |= FERRUM_NAT_CLOSING;
-		else if (!reply && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-			flags = 0;
-	}
-	if (flags != rv->flags)
-		rv->flags = flags;
-	if (now > rv->last_ns + FERRUM_NAT_REFRESH_NS)
-		rv->last_ns = now;
-}
-
 static __always_inline __u16 nat_port_for(const struct ferrum_config *cfg, const struct flow *f)
 {
 	struct ferrum_nat_key fwd = {}, rev = {};

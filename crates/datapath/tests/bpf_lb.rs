@@ -8,14 +8,14 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bpf_support::node::{
     self, Fixture, HOST_MAC_A, HOST_MAC_B, MAC_A, MAC_B, NODE_IP, POD_A, POD_B, REMOTE_POD, sa,
 };
 use ferrum_datapath::bpf::packet::{self, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ferrum_datapath::bpf::{
     EventKind, LbBackend, LbFrontendKey, LbService, MAGLEV_CHUNK, MAGLEV_SIZE, Program, Reason,
-    TC_ACT_OK, TC_ACT_REDIRECT,
+    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
@@ -407,6 +407,72 @@ fn node_port_with_cluster_policy_masquerades_and_replies_leave_by_the_uplink() -
         (NODE_IP, 30080, EXTERNAL, 50000)
     );
     packet::verify_checksums(&out.frame)?;
+    Ok(())
+}
+
+/// Masqueraded external clients (externalTrafficPolicy=Cluster) hold a port on the node IP per
+/// flow; once a flow has expired its port goes to a new client. Without expiry the ports toward
+/// one backend would run out after as many connections as the range has ports.
+#[test]
+fn masqueraded_clients_release_their_node_ports_when_their_flows_expire() -> Result<()> {
+    let mut f = node::fixture("fe-bpflb", 61000..=61001)?;
+    node_port(&mut f, true, &[sa(REMOTE_POD, 8080)])?;
+    let connect = |f: &mut Fixture, port| -> Result<i32> {
+        let syn = packet::tcp_frame(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            sa(EXTERNAL, port),
+            sa(NODE_IP, 30080),
+            b"",
+        );
+        Ok(f.dp
+            .test_run(Program::FromUplink, &syn, f.veth_b, 1)?
+            .retval)
+    };
+    let snat_port = |f: &Fixture, client| -> Result<u16> {
+        let ct = f.dp.lb_conntrack()?;
+        let e = ct.iter().find(|e| e.client == sa(EXTERNAL, client));
+        Ok(e.and_then(|e| e.snat).context("masqueraded")?.port())
+    };
+
+    assert_eq!(
+        connect(&mut f, 50000)?,
+        TC_ACT_REDIRECT,
+        "to the backend's node"
+    );
+    assert_eq!(connect(&mut f, 50001)?, TC_ACT_REDIRECT);
+    assert_eq!(connect(&mut f, 50002)?, TC_ACT_SHOT, "both ports held");
+    assert!(f.reasons().contains(&(EventKind::Drop, Reason::NatNoPort)));
+
+    // A minute on, neither flow has had an answer: their ports are free again.
+    node::age_nat_entries(&f, "ferrum_lb_snat_seen", 61)?;
+    assert_eq!(connect(&mut f, 50002)?, TC_ACT_REDIRECT);
+    let answered = snat_port(&f, 50002)?;
+    // The backend answers through the overlay; that flow keeps its port for hours.
+    let reply = packet::tcp_frame(
+        [0x02, 0xbb, 0, 0, 0, 1],
+        [0x02, 0xbb, 0, 0, 0, 2],
+        sa(REMOTE_POD, 8080),
+        sa(NODE_IP, answered),
+        b"",
+    );
+    assert_eq!(
+        f.dp.test_run(Program::FromOverlay, &reply, f.veth_b, 1)?
+            .retval,
+        TC_ACT_REDIRECT
+    );
+    node::age_nat_entries(&f, "ferrum_lb_snat_seen", 61)?;
+    assert_eq!(
+        connect(&mut f, 50003)?,
+        TC_ACT_REDIRECT,
+        "the other, expired port"
+    );
+    assert_ne!(snat_port(&f, 50003)?, answered);
+    assert_eq!(
+        connect(&mut f, 50004)?,
+        TC_ACT_SHOT,
+        "the answered flow's port is kept"
+    );
     Ok(())
 }
 

@@ -634,43 +634,6 @@ fn exhausted_nat_port_range_drops_new_flows() -> Result<()> {
     Ok(())
 }
 
-/// Test-side mirrors of `struct ferrum_nat_key` / `struct ferrum_nat_value` (bpf/ferrum.h).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct NatKey {
-    addr_a: u32,
-    addr_b: u32,
-    port_a: u16,
-    port_b: u16,
-    proto: u8,
-    pad: [u8; 3],
-}
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct NatValue {
-    addr: u32,
-    port: u16,
-    flags: u16,
-    last_ns: u64,
-}
-// SAFETY: plain C structs without padding holes the kernel would not fill.
-unsafe impl aya::Pod for NatKey {}
-unsafe impl aya::Pod for NatValue {}
-
-/// Moves the last packet of every SNAT flow `secs` into the past: the programs' clock cannot
-/// be wound forward, their map entries can be wound back.
-fn age_snat_flows(f: &Fixture, secs: u64) -> Result<()> {
-    use aya::maps::{HashMap, Map, MapData};
-    let data = MapData::from_pin(f.pins.path.join("ferrum_nat_rev"))?;
-    let mut map: HashMap<_, NatKey, NatValue> = HashMap::try_from(Map::LruHashMap(data))?;
-    let entries = map.iter().collect::<Result<Vec<_>, _>>()?;
-    for (key, mut value) in entries {
-        value.last_ns = value.last_ns.saturating_sub(secs * 1_000_000_000);
-        map.insert(key, value, 0)?;
-    }
-    Ok(())
-}
-
 /// A SNAT port stays with its flow while the flow lives and goes to a new flow once the old
 /// one has expired: 60 s without an answer, 6 h once answered, 10 s after FIN or RST. Without
 /// expiry, every port toward one remote address and port would be used up for good.
@@ -722,7 +685,7 @@ fn snat_ports_expire_with_their_flows_and_are_reused() -> Result<()> {
 
     // A minute later the unanswered flow has expired and its port goes to the new flow; the
     // answered one keeps its port and its replies.
-    age_snat_flows(&f, 61)?;
+    node::age_nat_entries(&f, "ferrum_nat_rev", 61)?;
     assert_eq!(snat(&mut f, &out(40002, TCP_SYN))?.sport, unanswered);
     assert!(refused(&mut f, 40003)?);
     let reply =
@@ -731,9 +694,9 @@ fn snat_ports_expire_with_their_flows_and_are_reused() -> Result<()> {
     assert_eq!(packet::parse(&reply.frame)?.dport, 40000);
 
     // Packets keep a flow alive: 40002 sends again before aging, so it is not taken.
-    age_snat_flows(&f, 50)?;
+    node::age_nat_entries(&f, "ferrum_nat_rev", 50)?;
     assert_eq!(snat(&mut f, &out(40002, TCP_ACK))?.sport, unanswered);
-    age_snat_flows(&f, 30)?;
+    node::age_nat_entries(&f, "ferrum_nat_rev", 30)?;
     assert!(refused(&mut f, 40003)?, "40002 was seen 30 s ago");
 
     // The answered flow closes: 10 s after its FIN its port is free again.
@@ -743,9 +706,9 @@ fn snat_ports_expire_with_their_flows_and_are_reused() -> Result<()> {
             .iter()
             .any(|e| e.pod.port() == 40000 && e.closing)
     );
-    age_snat_flows(&f, 5)?;
+    node::age_nat_entries(&f, "ferrum_nat_rev", 5)?;
     assert!(refused(&mut f, 40003)?, "closing, but only 5 s ago");
-    age_snat_flows(&f, 6)?;
+    node::age_nat_entries(&f, "ferrum_nat_rev", 6)?;
     assert_eq!(snat(&mut f, &out(40003, TCP_SYN))?.sport, answered);
     Ok(())
 }

@@ -12,11 +12,11 @@ use aya::maps::lpm_trie::Key as LpmKey;
 use super::abi::{
     RawLbAffinity, RawLbAffinityKey, RawLbBackend, RawLbBackendKey, RawLbCt, RawLbKey,
     RawLbMaglevChunk, RawLbMaglevKey, RawLbRangeData, RawLbRev, RawLbService, RawNatKey,
-    addr_from_raw, addr_to_raw, port_from_raw,
+    RawNatValue, addr_from_raw, addr_to_raw, port_from_raw,
 };
 use super::{
     Datapath, DatapathError, MAP_LB_AFFINITY, MAP_LB_BACKENDS, MAP_LB_CT, MAP_LB_MAGLEV,
-    MAP_LB_RANGES, MAP_LB_REV, MAP_LB_SERVICES, ignore_missing, map_op_err,
+    MAP_LB_RANGES, MAP_LB_REV, MAP_LB_SERVICES, MAP_LB_SNAT_SEEN, ignore_missing, map_op_err,
 };
 
 /// Backend slots per Maglev chunk (bpf/ferrum.h FERRUM_MAGLEV_CHUNK).
@@ -231,6 +231,13 @@ impl Datapath {
             let mut map = self.hash_map_mut::<RawNatKey, RawLbCt>(MAP_LB_CT)?;
             ignore_missing(map.remove(&fwd))
                 .map_err(map_op_err(MAP_LB_CT, format!("remove {}", ct.client)))?;
+        }
+        {
+            let mut map = self.hash_map_mut::<RawNatKey, RawNatValue>(MAP_LB_SNAT_SEEN)?;
+            ignore_missing(map.remove(&rev)).map_err(map_op_err(
+                MAP_LB_SNAT_SEEN,
+                format!("remove {}", ct.backend),
+            ))?;
         }
         let mut map = self.hash_map_mut::<RawNatKey, RawLbRev>(MAP_LB_REV)?;
         ignore_missing(map.remove(&rev))

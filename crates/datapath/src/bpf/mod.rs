@@ -68,6 +68,8 @@ pub(crate) const MAP_LB_SERVICES: &str = "ferrum_lb_services";
 pub(crate) const MAP_LB_BACKENDS: &str = "ferrum_lb_backends";
 pub(crate) const MAP_LB_CT: &str = "ferrum_lb_ct";
 pub(crate) const MAP_LB_REV: &str = "ferrum_lb_rev";
+/// Last packet of each masqueraded client flow (values are `struct ferrum_nat_value`).
+pub(crate) const MAP_LB_SNAT_SEEN: &str = "ferrum_lb_snat_seen";
 pub(crate) const MAP_LB_MAGLEV: &str = "ferrum_lb_maglev";
 pub(crate) const MAP_LB_AFFINITY: &str = "ferrum_lb_affinity";
 pub(crate) const MAP_LB_RANGES: &str = "ferrum_lb_ranges";
@@ -79,7 +81,7 @@ pub(crate) const MAP_POLICY_EXACT: &str = "ferrum_policy_exact";
 pub(crate) const MAP_POL_CT: &str = "ferrum_pol_ct";
 
 /// (map, key size, value size) of every pinned map, to refuse pins left by an incompatible build.
-const MAP_LAYOUTS: [(&str, usize, usize); 19] = [
+const MAP_LAYOUTS: [(&str, usize, usize); 20] = [
     (MAP_POLICY_EXACT, POLICY_KEY_LEN, 4),
     (MAP_POL_ENDPOINTS, 4, abi::POL_ENDPOINT_SIZE),
     (MAP_POL_IPCACHE, 4, 4),
@@ -100,6 +102,7 @@ const MAP_LAYOUTS: [(&str, usize, usize); 19] = [
     ),
     (MAP_LB_CT, NAT_KEY_SIZE, abi::LB_CT_SIZE),
     (MAP_LB_REV, NAT_KEY_SIZE, abi::LB_REV_SIZE),
+    (MAP_LB_SNAT_SEEN, NAT_KEY_SIZE, NAT_VALUE_SIZE),
     (
         MAP_LB_MAGLEV,
         abi::LB_MAGLEV_KEY_SIZE,
@@ -949,6 +952,10 @@ impl Datapath {
             (
                 MAP_LB_REV,
                 count::<RawNatKey, abi::RawLbRev>(self, MAP_LB_REV)?,
+            ),
+            (
+                MAP_LB_SNAT_SEEN,
+                count::<RawNatKey, RawNatValue>(self, MAP_LB_SNAT_SEEN)?,
             ),
             (
                 MAP_POL_ENDPOINTS,

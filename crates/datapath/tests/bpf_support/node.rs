@@ -93,3 +93,41 @@ pub fn fixture(prefix: &str, nat_ports: RangeInclusive<u16>) -> Result<Fixture> 
 pub fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
+
+/// Test-side mirrors of `struct ferrum_nat_key` / `struct ferrum_nat_value` (bpf/ferrum.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NatKey {
+    addr_a: u32,
+    addr_b: u32,
+    port_a: u16,
+    port_b: u16,
+    proto: u8,
+    pad: [u8; 3],
+}
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NatValue {
+    addr: u32,
+    port: u16,
+    flags: u16,
+    last_ns: u64,
+}
+// SAFETY: plain C structs without padding holes the kernel would not fill.
+unsafe impl aya::Pod for NatKey {}
+unsafe impl aya::Pod for NatValue {}
+
+/// Moves the last packet of every flow in `map` (keyed by `ferrum_nat_key`, valued by
+/// `ferrum_nat_value`: the SNAT and masquerade maps) `secs` into the past: the programs' clock
+/// cannot be wound forward, their map entries can be wound back.
+pub fn age_nat_entries(f: &Fixture, map: &str, secs: u64) -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(f.pins.path.join(map))?;
+    let mut map: HashMap<_, NatKey, NatValue> = HashMap::try_from(Map::LruHashMap(data))?;
+    let entries = map.iter().collect::<Result<Vec<_>, _>>()?;
+    for (key, mut value) in entries {
+        value.last_ns = value.last_ns.saturating_sub(secs * 1_000_000_000);
+        map.insert(key, value, 0)?;
+    }
+    Ok(())
+}
