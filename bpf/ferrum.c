@@ -1275,6 +1275,206 @@ __attribute__((noinline)) int ferrum_lb_translate(struct __sk_buff *skb,
 	return lb_translate_inline(skb, cfg, src_ep, f, scope);
 }
 
+/* Ones-complement checksum after a 16-bit word changes (RFC 1624); on raw memory values, so
+ * byte order does not matter as long as all are loaded alike. */
+static __always_inline __u16 csum_replace_u16(__u16 check, __u16 from, __u16 to)
+{
+	__u32 s = (__u16)~check + (__u32)(__u16)~from + to;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return ~(__u16)s;
+}
+
+static __always_inline __u16 csum_replace_u32(__u16 check, __u32 from, __u32 to)
+{
+	check = csum_replace_u16(check, (__u16)from, (__u16)to);
+	return csum_replace_u16(check, (__u16)(from >> 16), (__u16)(to >> 16));
+}
+
+/* Rewrites a 16-bit checksum field inside an ICMP error's quoted packet and keeps the ICMP
+ * checksum (which covers the field) right. Fields beyond a truncated quote are left alone. */
+static __always_inline int quoted_csum_update(struct __sk_buff *skb, __u32 icmp_csum, __u32 off,
+					      __u32 from, __u32 to, int words, int udp)
+{
+	__u16 old, new;
+
+	if (bpf_skb_load_bytes(skb, off, &old, sizeof(old)) < 0 || (udp && !old))
+		return 0;
+	new = words == 2 ? csum_replace_u32(old, from, to) :
+			   csum_replace_u16(old, (__u16)from, (__u16)to);
+	if (udp && !new)
+		new = 0xffff;
+	if (bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old, new, sizeof(new)) < 0)
+		return -1;
+	return 0;
+}
+
+/* The packet an ICMP error quotes: its IP header, where its transport header starts, and its
+ * ports (an ICMP echo request: the id as the source port). */
+struct icmp_quote {
+	struct iphdr ip;
+	__u32 off; /* of the quoted IP header */
+	__u32 l4;  /* of the quoted transport header */
+	__u16 sport;
+	__u16 dport;
+};
+
+static __always_inline int is_icmp_error(const struct flow *f)
+{
+	return f->proto == IPPROTO_ICMP &&
+	       (f->icmp_type == ICMP_ERR_UNREACH || f->icmp_type == ICMP_ERR_TIME_EXCEEDED ||
+		f->icmp_type == ICMP_ERR_PARAMETER);
+}
+
+/* 0 when the error quotes a TCP or UDP packet or an ICMP echo request. */
+static __always_inline int load_icmp_quote(struct __sk_buff *skb, const struct flow *f,
+					   struct icmp_quote *q)
+{
+	q->off = f->l4_off + sizeof(struct icmp_echo_hdr);
+	if (bpf_skb_load_bytes(skb, q->off, &q->ip, sizeof(q->ip)) < 0 || q->ip.version != 4 ||
+	    q->ip.ihl < 5)
+		return -1;
+	q->l4 = q->off + q->ip.ihl * 4;
+	if (q->ip.protocol == IPPROTO_TCP || q->ip.protocol == IPPROTO_UDP) {
+		__u16 ports[2];
+
+		if (bpf_skb_load_bytes(skb, q->l4, ports, sizeof(ports)) < 0)
+			return -1;
+		q->sport = ports[0];
+		q->dport = ports[1];
+		return 0;
+	}
+	if (q->ip.protocol == IPPROTO_ICMP) {
+		struct icmp_echo_hdr echo;
+
+		if (bpf_skb_load_bytes(skb, q->l4, &echo, sizeof(echo)) < 0 || echo.type != ICMP_ECHO)
+			return -1;
+		q->sport = echo.id;
+		q->dport = 0;
+		return 0;
+	}
+	return -1;
+}
+
+/* Rewrites the source (`src`) or destination address and port of the quoted packet, keeping
+ * its IP and transport checksums and the ICMP checksum right. */
+static __always_inline int icmp_quote_rewrite(struct __sk_buff *skb, const struct flow *f,
+					      const struct icmp_quote *q, int src, __u32 old_addr,
+					      __u32 new_addr, __u16 old_port, __u16 new_port)
+{
+	__u32 icmp_csum = f->l4_off + offsetof(struct icmp_echo_hdr, checksum);
+	int udp = q->ip.protocol == IPPROTO_UDP;
+	int pseudo = udp || q->ip.protocol == IPPROTO_TCP;
+	__u32 port_off, csum_off, addr_off;
+
+	if (pseudo) {
+		port_off = q->l4 + (src ? 0 : 2);
+		csum_off = q->l4 + (udp ? 6 : 16);
+	} else {
+		port_off = q->l4 + offsetof(struct icmp_echo_hdr, id);
+		csum_off = q->l4 + offsetof(struct icmp_echo_hdr, checksum);
+	}
+	addr_off = q->off + (src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+	/* The quoted transport checksum: the port, and for TCP/UDP the pseudo header. */
+	if (pseudo && quoted_csum_update(skb, icmp_csum, csum_off, old_addr, new_addr, 2, udp) < 0)
+		return -1;
+	if (quoted_csum_update(skb, icmp_csum, csum_off, old_port, new_port, 1, udp) < 0 ||
+	    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old_port, new_port, sizeof(new_port)) < 0)
+		return -1;
+	/* The quoted address and its header checksum. */
+	if (quoted_csum_update(skb, icmp_csum, q->off + offsetof(struct iphdr, check), old_addr,
+			       new_addr, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old_addr, new_addr, sizeof(new_addr)) < 0)
+		return -1;
+	return 0;
+}
+
+/* An ICMP error about a packet a pod sent to a Service frontend and this node translated to a
+ * backend (the backend's UDP port unreachable, say): the quote, and the outer source when the
+ * backend itself sent the error, are put back to the frontend, so that the client's socket,
+ * connected to the frontend, receives it. Masqueraded and hairpin clients are left alone.
+ * Returns 1 when translated, 0 when not a Service's, -1 when the rewrite failed. */
+__attribute__((noinline)) int ferrum_lb_icmp_error(struct __sk_buff *skb, struct flow *f)
+{
+	struct ferrum_nat_key key = {};
+	struct ferrum_lb_rev *rev;
+	struct icmp_quote q;
+	__u32 backend, vip;
+	__u16 vport;
+
+	if (!f || !is_icmp_error(f) || load_icmp_quote(skb, f, &q) < 0 ||
+	    q.ip.protocol == IPPROTO_ICMP)
+		return 0;
+	/* Oriented like the backend's reply. */
+	key.addr_a = q.ip.daddr;
+	key.addr_b = q.ip.saddr;
+	key.port_a = q.dport;
+	key.port_b = q.sport;
+	key.proto = q.ip.protocol;
+	rev = bpf_map_lookup_elem(&ferrum_lb_rev, &key);
+	if (!rev || rev->client_addr)
+		return 0;
+	backend = q.ip.daddr;
+	vip = rev->frontend_addr;
+	vport = rev->frontend_port;
+	if (icmp_quote_rewrite(skb, f, &q, 0, backend, vip, q.dport, vport) < 0)
+		return -1;
+	if (f->saddr == backend) {
+		if (bpf_skb_store_bytes(skb, IP_SADDR_OFF, &vip, sizeof(vip), 0) < 0 ||
+		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, backend, vip, sizeof(vip)) < 0)
+			return -1;
+		f->saddr = vip;
+	}
+	return 1;
+}
+
+/* An ICMP error (fragmentation needed, unreachable, time exceeded) about a packet this node
+ * SNAT'd belongs to the pod that sent it: the quoted packet gets the pod's address and port
+ * back, the outer destination becomes the pod, and the error goes in as related traffic.
+ * Without this, path MTU discovery fails for every pod connection leaving the cluster.
+ * A global function: verified once, and it keeps from_uplink's stack small. Returns
+ * ICMP_ERROR_TO_POD once the packet is the pod's, else a verdict. */
+#define ICMP_ERROR_TO_POD -3
+__attribute__((noinline)) int ferrum_snat_icmp_error(struct __sk_buff *skb, struct flow *f)
+{
+	struct ferrum_config *cfg = config();
+	struct ferrum_nat_key rev = {};
+	struct ferrum_nat_value *rv;
+	struct icmp_quote q;
+	__u32 node, pod_addr;
+	__u16 pod_port;
+
+	if (!cfg || !f)
+		return TC_ACT_OK;
+	node = cfg->node_ip;
+	if (load_icmp_quote(skb, f, &q) < 0 || q.ip.saddr != node)
+		return TC_ACT_OK;
+	/* Oriented like a reply: remote side first, this node's SNAT address and port second. */
+	rev.addr_a = q.ip.daddr;
+	rev.addr_b = node;
+	rev.port_a = q.dport;
+	rev.port_b = q.sport;
+	rev.proto = q.ip.protocol;
+	rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
+	if (!rv)
+		return TC_ACT_OK;
+	pod_addr = rv->addr;
+	pod_port = rv->port;
+	if (icmp_quote_rewrite(skb, f, &q, 1, node, pod_addr, q.sport, pod_port) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	/* The outer destination (ICMP has no pseudo header). */
+	if (bpf_skb_store_bytes(skb, IP_DADDR_OFF, &pod_addr, sizeof(pod_addr), 0) < 0 ||
+	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, node, pod_addr, sizeof(pod_addr)) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
+	f->daddr = pod_addr;
+	trace(skb, cfg, FERRUM_TRACE_REV_SNAT, f, 0, pod_addr, pod_port);
+	return ICMP_ERROR_TO_POD;
+}
+
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
@@ -1335,6 +1535,9 @@ int from_pod(struct __sk_buff *skb)
 	/* The source pod's egress and, for a pod of this node, the destination's ingress. */
 	if (ferrum_policy_check(skb, &f, initiator) != POLICY_ALLOW)
 		return TC_ACT_SHOT;
+	/* Judged as related to the connection it quotes; then put back to the frontend. */
+	if (is_icmp_error(&f) && ferrum_lb_icmp_error(skb, &f) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
 
 route:
 	dst_ep = bpf_map_lookup_elem(&ferrum_endpoints, &f.daddr);
@@ -1386,6 +1589,8 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct ferrum_
 	/* The destination pod's ingress (on the tuple before any reverse translation). */
 	if (policy_check_wire(skb, f, &wire) != POLICY_ALLOW)
 		return TC_ACT_SHOT;
+	if (is_icmp_error(f) && ferrum_lb_icmp_error(skb, f) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
 	return to_endpoint(skb, cfg, ep, f);
 }
 
@@ -1646,125 +1851,6 @@ static __always_inline int lb_from_uplink(struct __sk_buff *skb, const struct fe
 	return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, f);
 }
 
-/* Ones-complement checksum after a 16-bit word changes (RFC 1624); on raw memory values, so
- * byte order does not matter as long as all are loaded alike. */
-static __always_inline __u16 csum_replace_u16(__u16 check, __u16 from, __u16 to)
-{
-	__u32 s = (__u16)~check + (__u32)(__u16)~from + to;
-
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return ~(__u16)s;
-}
-
-static __always_inline __u16 csum_replace_u32(__u16 check, __u32 from, __u32 to)
-{
-	check = csum_replace_u16(check, (__u16)from, (__u16)to);
-	return csum_replace_u16(check, (__u16)(from >> 16), (__u16)(to >> 16));
-}
-
-/* Rewrites a 16-bit checksum field inside an ICMP error's quoted packet and keeps the ICMP
- * checksum (which covers the field) right. Fields beyond a truncated quote are left alone. */
-static __always_inline int quoted_csum_update(struct __sk_buff *skb, __u32 icmp_csum, __u32 off,
-					      __u32 from, __u32 to, int words, int udp)
-{
-	__u16 old, new;
-
-	if (bpf_skb_load_bytes(skb, off, &old, sizeof(old)) < 0 || (udp && !old))
-		return 0;
-	new = words == 2 ? csum_replace_u32(old, from, to) :
-			   csum_replace_u16(old, (__u16)from, (__u16)to);
-	if (udp && !new)
-		new = 0xffff;
-	if (bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0) < 0 ||
-	    bpf_l4_csum_replace(skb, icmp_csum, old, new, sizeof(new)) < 0)
-		return -1;
-	return 0;
-}
-
-/* An ICMP error (fragmentation needed, unreachable, time exceeded) about a packet this node
- * SNAT'd belongs to the pod that sent it: the quoted packet gets the pod's address and port
- * back, the outer destination becomes the pod, and the error goes in as related traffic.
- * Without this, path MTU discovery fails for every pod connection leaving the cluster.
- * A global function: verified once, and it keeps from_uplink's stack small. Returns
- * ICMP_ERROR_TO_POD once the packet is the pod's, else a verdict. */
-#define ICMP_ERROR_TO_POD -3
-__attribute__((noinline)) int ferrum_snat_icmp_error(struct __sk_buff *skb, struct flow *f)
-{
-	struct ferrum_config *cfg = config();
-	struct ferrum_nat_key rev = {};
-	struct ferrum_nat_value *rv;
-	struct iphdr quoted;
-	__u32 icmp_csum, qoff, q4, port_off, csum_off, node, pod_addr;
-	__u16 ports[2] = {}, nat_port, pod_port;
-	int csum_words, udp = 0;
-
-	if (!cfg || !f)
-		return TC_ACT_OK;
-	icmp_csum = f->l4_off + offsetof(struct icmp_echo_hdr, checksum);
-	qoff = f->l4_off + sizeof(struct icmp_echo_hdr);
-	node = cfg->node_ip;
-	if (bpf_skb_load_bytes(skb, qoff, &quoted, sizeof(quoted)) < 0 || quoted.version != 4 ||
-	    quoted.ihl < 5 || quoted.saddr != node)
-		return TC_ACT_OK;
-	q4 = qoff + quoted.ihl * 4;
-	if (quoted.protocol == IPPROTO_TCP || quoted.protocol == IPPROTO_UDP) {
-		if (bpf_skb_load_bytes(skb, q4, ports, sizeof(ports)) < 0)
-			return TC_ACT_OK;
-		udp = quoted.protocol == IPPROTO_UDP;
-		port_off = q4;
-		csum_off = q4 + (udp ? 6 : 16);
-		csum_words = 2; /* the pseudo header's source address changes too */
-		rev.port_a = ports[1];
-	} else if (quoted.protocol == IPPROTO_ICMP) {
-		struct icmp_echo_hdr echo;
-
-		if (bpf_skb_load_bytes(skb, q4, &echo, sizeof(echo)) < 0 || echo.type != ICMP_ECHO)
-			return TC_ACT_OK;
-		ports[0] = echo.id;
-		port_off = q4 + offsetof(struct icmp_echo_hdr, id);
-		csum_off = q4 + offsetof(struct icmp_echo_hdr, checksum);
-		csum_words = 0; /* no pseudo header */
-	} else {
-		return TC_ACT_OK;
-	}
-	/* Oriented like a reply: remote side first, this node's SNAT address and port second. */
-	rev.addr_a = quoted.daddr;
-	rev.addr_b = node;
-	rev.port_b = ports[0];
-	rev.proto = quoted.protocol;
-	rv = bpf_map_lookup_elem(&ferrum_nat_rev, &rev);
-	if (!rv)
-		return TC_ACT_OK;
-	pod_addr = rv->addr;
-	pod_port = rv->port;
-	nat_port = ports[0];
-
-	/* The quoted transport checksum: source port, and for TCP/UDP the pseudo header. */
-	if (csum_words == 2 &&
-	    quoted_csum_update(skb, icmp_csum, csum_off, node, pod_addr, 2, udp) < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
-	if (quoted_csum_update(skb, icmp_csum, csum_off, nat_port, pod_port, 1, udp) < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
-	if (bpf_skb_store_bytes(skb, port_off, &pod_port, sizeof(pod_port), 0) < 0 ||
-	    bpf_l4_csum_replace(skb, icmp_csum, nat_port, pod_port, sizeof(pod_port)) < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
-	/* The quoted source address and its header checksum. */
-	if (quoted_csum_update(skb, icmp_csum, qoff + offsetof(struct iphdr, check), node,
-			       pod_addr, 2, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, qoff + offsetof(struct iphdr, saddr), &pod_addr,
-				sizeof(pod_addr), 0) < 0 ||
-	    bpf_l4_csum_replace(skb, icmp_csum, node, pod_addr, sizeof(pod_addr)) < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
-	/* The outer destination (ICMP has no pseudo header). */
-	if (bpf_skb_store_bytes(skb, IP_DADDR_OFF, &pod_addr, sizeof(pod_addr), 0) < 0 ||
-	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, node, pod_addr, sizeof(pod_addr)) < 0)
-		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
-	f->daddr = pod_addr;
-	trace(skb, cfg, FERRUM_TRACE_REV_SNAT, f, 0, pod_addr, pod_port);
-	return ICMP_ERROR_TO_POD;
-}
-
 /* tcx ingress on the uplink: reverse-SNAT replies and hand them to the pod. */
 SEC("classifier/from_uplink")
 int from_uplink(struct __sk_buff *skb)
@@ -1781,9 +1867,7 @@ int from_uplink(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (parse_ipv4(skb, &f) < 0)
 		return TC_ACT_OK;
-	if (f.proto == IPPROTO_ICMP && f.daddr == cfg->node_ip &&
-	    (f.icmp_type == ICMP_ERR_UNREACH || f.icmp_type == ICMP_ERR_TIME_EXCEEDED ||
-	     f.icmp_type == ICMP_ERR_PARAMETER)) {
+	if (f.daddr == cfg->node_ip && is_icmp_error(&f)) {
 		int rc = ferrum_snat_icmp_error(skb, &f);
 
 		if (rc != ICMP_ERROR_TO_POD)

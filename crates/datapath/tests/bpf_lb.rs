@@ -180,6 +180,51 @@ fn vnet_remote_backend_reply_is_translated_on_the_uplink() -> Result<()> {
     Ok(())
 }
 
+/// A backend's ICMP error about a balanced packet (here UDP port unreachable) reaches the
+/// client as the frontend's: outer source and quoted destination are the VIP again, so the
+/// client's socket, connected to the VIP, gets the error. Same node and across the overlay.
+#[test]
+fn backend_icmp_errors_reach_the_client_from_the_frontend() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(53, PROTO_UDP), 4, &[sa(POD_B, 5353)])?;
+    f.service(internal(54, PROTO_UDP), 5, &[sa(REMOTE_POD, 5353)])?;
+    for (vport, backend, program, ifindex) in [
+        (53, POD_B, Program::FromPod, f.veth_b),
+        (54, REMOTE_POD, Program::FromOverlay, f.veth_b),
+    ] {
+        let q = packet::udp_frame(
+            MAC_A,
+            HOST_MAC_A,
+            sa(POD_A, 33000),
+            sa(VIP, vport),
+            b"q",
+            true,
+        );
+        let out = f.dp.test_run(Program::FromPod, &q, f.veth_a, 1)?;
+        assert_eq!(out.retval, TC_ACT_REDIRECT);
+        // What the backend received, quoted whole in its port unreachable.
+        let icmp = packet::icmp_error(3, 3, [0; 4], &out.frame[14..]);
+        let error = packet::ethernet(
+            HOST_MAC_B,
+            MAC_B,
+            0x0800,
+            &packet::ipv4(backend, POD_A, PROTO_ICMP, &icmp),
+        );
+        let out = f.dp.test_run(program, &error, ifindex, 1)?;
+        assert_eq!(out.retval, TC_ACT_REDIRECT, "into the client");
+        packet::verify_checksums(&out.frame)?;
+        let p = packet::parse(&out.frame)?;
+        assert_eq!((p.src, p.dst, p.icmp_type), (VIP, POD_A, Some(3)));
+        assert_eq!(p.eth_dst, MAC_A);
+        assert_eq!(
+            &out.frame[14 + 20 + 8..],
+            &q[14..],
+            "the quote is the client's own datagram to the VIP"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn udp_without_checksum_keeps_none_after_translation() -> Result<()> {
     let mut f = fixture()?;

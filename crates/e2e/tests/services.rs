@@ -105,6 +105,9 @@ fn backend(name: &str, node: &str, app: &str) -> String {
 const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: web}\n  - {name: dns, port: 53, targetPort: dns, protocol: UDP}\n";
 const EMPTY: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  selector: {app: nobody}\n  ports:\n  - {name: t, port: 80}\n  - {name: u, port: 53, protocol: UDP}\n";
 
+/// Selects the web backends on a UDP port none of them listens on.
+const DEAF: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: deaf}\nspec:\n  selector: {app: web}\n  ports:\n  - {port: 55, targetPort: 5999, protocol: UDP}\n";
+
 const ITP_LOCAL: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: itp}\nspec:\n  internalTrafficPolicy: Local\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 8080}\n";
 
 #[test]
@@ -116,6 +119,7 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
         backend("client", "node-0", "client"),
         WEB.to_string(),
         EMPTY.to_string(),
+        DEAF.to_string(),
         ITP_LOCAL.to_string(),
     ]
     .join("---\n");
@@ -169,6 +173,29 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
         ErrorKind::ConnectionRefused,
         "ICMP port unreachable"
     );
+
+    // A backend with nothing on the port answers ICMP port unreachable about the translated
+    // datagram; the client's socket, connected to the VIP, gets it as the VIP's (local and
+    // remote backends alike).
+    let deaf = cluster_ip(&lab, "deaf")?;
+    for _ in 0..6 {
+        let kind = run_in_netns(&client, move || -> Result<ErrorKind> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            s.connect((deaf, 55))?;
+            s.send(b"x")?;
+            let mut buf = [0u8; 16];
+            match s.recv(&mut buf) {
+                Ok(_) => bail!("an answer from a port nobody listens on"),
+                Err(e) => Ok(e.kind()),
+            }
+        })??;
+        assert_eq!(
+            kind,
+            ErrorKind::ConnectionRefused,
+            "the backend's port unreachable"
+        );
+    }
 
     // Hairpin: a backend reaching its own Service gets itself some of the time, and every
     // connection works.
