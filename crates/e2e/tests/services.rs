@@ -49,6 +49,22 @@ fn udp_ask(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
     })?
 }
 
+/// Sends one datagram from a socket connected to ip:port, expecting no answer: the error
+/// kind the socket reports (ConnectionRefused for an ICMP port unreachable).
+fn udp_error(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<ErrorKind> {
+    run_in_netns(netns, move || -> Result<ErrorKind> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.connect((ip, port))?;
+        s.send(b"x")?;
+        let mut buf = [0u8; 16];
+        match s.recv(&mut buf) {
+            Ok(_) => bail!("an answer from {ip}:{port}, which should have none"),
+            Err(e) => Ok(e.kind()),
+        }
+    })?
+}
+
 /// Retries `f` until it succeeds (the datapath catches up with pod readiness asynchronously).
 fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -157,19 +173,8 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
     let (kind, took) = tcp_connect_error(&client, empty, 80)?;
     assert_eq!(kind, ErrorKind::ConnectionRefused);
     assert!(took < TIMEOUT, "refused after {took:?}");
-    let udp_err = run_in_netns(&client, move || -> Result<ErrorKind> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.connect((empty, 53))?;
-        s.send(b"x")?;
-        let mut buf = [0u8; 16];
-        match s.recv(&mut buf) {
-            Ok(_) => bail!("answer from a Service without backends"),
-            Err(e) => Ok(e.kind()),
-        }
-    })??;
     assert_eq!(
-        udp_err,
+        udp_error(&client, empty, 53)?,
         ErrorKind::ConnectionRefused,
         "ICMP port unreachable"
     );
@@ -179,19 +184,8 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
     // remote backends alike).
     let deaf = cluster_ip(&lab, "deaf")?;
     for _ in 0..6 {
-        let kind = run_in_netns(&client, move || -> Result<ErrorKind> {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
-            s.set_read_timeout(Some(TIMEOUT))?;
-            s.connect((deaf, 55))?;
-            s.send(b"x")?;
-            let mut buf = [0u8; 16];
-            match s.recv(&mut buf) {
-                Ok(_) => bail!("an answer from a port nobody listens on"),
-                Err(e) => Ok(e.kind()),
-            }
-        })??;
         assert_eq!(
-            kind,
+            udp_error(&client, deaf, 55)?,
             ErrorKind::ConnectionRefused,
             "the backend's port unreachable"
         );
