@@ -1956,6 +1956,9 @@ int to_pod(struct __sk_buff *skb)
 		return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, &f);
 	if (ferrum_policy_check(skb, &f, f.saddr) != POLICY_ALLOW)
 		return TC_ACT_SHOT;
+	/* VNet: a remote backend's ICMP errors come this way (they carry no ports). */
+	if (is_icmp_error(&f) && ferrum_lb_icmp_error(skb, &f) < 0)
+		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	eth = data;

@@ -188,9 +188,11 @@ fn backend_icmp_errors_reach_the_client_from_the_frontend() -> Result<()> {
     let mut f = fixture()?;
     f.service(internal(53, PROTO_UDP), 4, &[sa(POD_B, 5353)])?;
     f.service(internal(54, PROTO_UDP), 5, &[sa(REMOTE_POD, 5353)])?;
+    // Same node; across the overlay; and (VNet) through the host stack to the host device.
     for (vport, backend, program, ifindex) in [
         (53, POD_B, Program::FromPod, f.veth_b),
         (54, REMOTE_POD, Program::FromOverlay, f.veth_b),
+        (54, REMOTE_POD, Program::ToPod, f.veth_b),
     ] {
         let q = packet::udp_frame(
             MAC_A,
