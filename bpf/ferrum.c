@@ -358,9 +358,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 	return 0;
 }
 
-/* Delivers to a local pod: MACs as if routed by the host veth, then straight into the pod's netns. */
-static __always_inline int to_endpoint(struct __sk_buff *skb, const struct ferrum_config *cfg,
-				       const struct ferrum_endpoint *ep, const struct flow *f)
+/* Delivers to a local pod with the MACs it would see if the host veth had routed the packet.
+ * From an ingress hook the packet goes straight into the pod's netns (bpf_redirect_peer);
+ * from an egress hook, where that is not allowed, out of the pod's host veth. */
+static __always_inline int deliver_to_endpoint(struct __sk_buff *skb,
+					       const struct ferrum_config *cfg,
+					       const struct ferrum_endpoint *ep,
+					       const struct flow *f, int at_ingress)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -371,7 +375,13 @@ static __always_inline int to_endpoint(struct __sk_buff *skb, const struct ferru
 	__builtin_memcpy(eth->h_dest, ep->pod_mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, ep->host_mac, ETH_ALEN);
 	trace(skb, cfg, FERRUM_TRACE_TO_ENDPOINT, f, 0, 0, 0);
-	return bpf_redirect_peer(ep->ifindex, 0);
+	return at_ingress ? bpf_redirect_peer(ep->ifindex, 0) : bpf_redirect(ep->ifindex, 0);
+}
+
+static __always_inline int to_endpoint(struct __sk_buff *skb, const struct ferrum_config *cfg,
+				       const struct ferrum_endpoint *ep, const struct flow *f)
+{
+	return deliver_to_endpoint(skb, cfg, ep, f, 1);
 }
 
 static __always_inline int set_tunnel(struct __sk_buff *skb, const struct ferrum_config *cfg,
@@ -643,6 +653,54 @@ static __always_inline __u64 pol_ct_lifetime(const struct ferrum_pol_ct *ct, __u
 	return proto == IPPROTO_TCP ? FERRUM_POL_CT_TCP_NS : FERRUM_POL_CT_OTHER_NS;
 }
 
+/* The packet an ICMP error quotes: its IP header, where its transport header starts, and its
+ * ports (TCP, UDP, SCTP; an ICMP echo request: the id as the source port, as the echo's own
+ * flow has it; other protocols: none). */
+struct icmp_quote {
+	struct iphdr ip;
+	__u32 off; /* of the quoted IP header */
+	__u32 l4;  /* of the quoted transport header */
+	__u16 sport;
+	__u16 dport;
+};
+
+static __always_inline int is_icmp_error(const struct flow *f)
+{
+	return f->proto == IPPROTO_ICMP &&
+	       (f->icmp_type == ICMP_ERR_UNREACH || f->icmp_type == ICMP_ERR_TIME_EXCEEDED ||
+		f->icmp_type == ICMP_ERR_PARAMETER);
+}
+
+/* 0 when the error quotes an IPv4 packet whose ports (if it has any) are readable; an ICMP
+ * message other than an echo request is never quoted by an error about it. */
+static __always_inline int load_icmp_quote(struct __sk_buff *skb, const struct flow *f,
+					   struct icmp_quote *q)
+{
+	q->off = f->l4_off + sizeof(struct icmp_echo_hdr);
+	if (bpf_skb_load_bytes(skb, q->off, &q->ip, sizeof(q->ip)) < 0 || q->ip.version != 4 ||
+	    q->ip.ihl < 5)
+		return -1;
+	q->l4 = q->off + q->ip.ihl * 4;
+	q->sport = 0;
+	q->dport = 0;
+	if (q->ip.protocol == IPPROTO_TCP || q->ip.protocol == IPPROTO_UDP ||
+	    q->ip.protocol == IPPROTO_SCTP) {
+		__u16 ports[2];
+
+		if (bpf_skb_load_bytes(skb, q->l4, ports, sizeof(ports)) < 0)
+			return -1;
+		q->sport = ports[0];
+		q->dport = ports[1];
+	} else if (q->ip.protocol == IPPROTO_ICMP) {
+		struct icmp_echo_hdr echo;
+
+		if (bpf_skb_load_bytes(skb, q->l4, &echo, sizeof(echo)) < 0 || echo.type != ICMP_ECHO)
+			return -1;
+		q->sport = echo.id;
+	}
+	return 0;
+}
+
 /* An ICMP error quoting a packet of a tracked, allowed connection belongs to it: fills the
  * connection's rule and returns 1. */
 static __always_inline int pol_icmp_related(struct __sk_buff *skb, const struct ferrum_config *cfg,
@@ -650,26 +708,14 @@ static __always_inline int pol_icmp_related(struct __sk_buff *skb, const struct 
 {
 	struct ferrum_nat_key qkey = {};
 	struct ferrum_pol_ct *qct;
-	struct iphdr quoted;
-	__u16 qports[2] = {};
-	__u32 qoff = f->l4_off + sizeof(struct icmp_echo_hdr);
+	struct icmp_quote q;
 
-	if (f->proto != IPPROTO_ICMP ||
-	    (f->icmp_type != ICMP_ERR_UNREACH && f->icmp_type != ICMP_ERR_TIME_EXCEEDED &&
-	     f->icmp_type != ICMP_ERR_PARAMETER))
+	if (!is_icmp_error(f) || load_icmp_quote(skb, f, &q) < 0)
 		return 0;
-	if (bpf_skb_load_bytes(skb, qoff, &quoted, sizeof(quoted)) < 0 || quoted.version != 4 ||
-	    quoted.ihl < 5)
-		return 0;
-	if (quoted.protocol == IPPROTO_TCP || quoted.protocol == IPPROTO_UDP ||
-	    quoted.protocol == IPPROTO_SCTP) {
-		if (bpf_skb_load_bytes(skb, qoff + quoted.ihl * 4, qports, sizeof(qports)) < 0)
-			return 0;
-	}
-	tuple_ct_key(quoted.saddr, quoted.daddr, qports[0], qports[1], quoted.protocol, &qkey);
+	tuple_ct_key(q.ip.saddr, q.ip.daddr, q.sport, q.dport, q.ip.protocol, &qkey);
 	qct = bpf_map_lookup_elem(&ferrum_pol_ct, &qkey);
 	if (!qct || (qct->flags & FERRUM_POL_CT_DENIED) || qct->gen != cfg->policy_gen ||
-	    pol_ct_age(now, qct) >= pol_ct_lifetime(qct, quoted.protocol))
+	    pol_ct_age(now, qct) >= pol_ct_lifetime(qct, q.ip.protocol))
 		return 0;
 	f->reply = 1;
 	f->rule_id = qct->rule_id;
@@ -1311,54 +1357,15 @@ static __always_inline int quoted_csum_update(struct __sk_buff *skb, __u32 icmp_
 	return 0;
 }
 
-/* The packet an ICMP error quotes: its IP header, where its transport header starts, and its
- * ports (an ICMP echo request: the id as the source port). */
-struct icmp_quote {
-	struct iphdr ip;
-	__u32 off; /* of the quoted IP header */
-	__u32 l4;  /* of the quoted transport header */
-	__u16 sport;
-	__u16 dport;
-};
-
-static __always_inline int is_icmp_error(const struct flow *f)
+/* Quotes icmp_quote_rewrite can translate: TCP, UDP and ICMP echo (SCTP's CRC32c cannot be
+ * updated incrementally, and nothing translates SCTP anyway). */
+static __always_inline int quote_rewritable(const struct icmp_quote *q)
 {
-	return f->proto == IPPROTO_ICMP &&
-	       (f->icmp_type == ICMP_ERR_UNREACH || f->icmp_type == ICMP_ERR_TIME_EXCEEDED ||
-		f->icmp_type == ICMP_ERR_PARAMETER);
+	return q->ip.protocol == IPPROTO_TCP || q->ip.protocol == IPPROTO_UDP ||
+	       q->ip.protocol == IPPROTO_ICMP;
 }
 
-/* 0 when the error quotes a TCP or UDP packet or an ICMP echo request. */
-static __always_inline int load_icmp_quote(struct __sk_buff *skb, const struct flow *f,
-					   struct icmp_quote *q)
-{
-	q->off = f->l4_off + sizeof(struct icmp_echo_hdr);
-	if (bpf_skb_load_bytes(skb, q->off, &q->ip, sizeof(q->ip)) < 0 || q->ip.version != 4 ||
-	    q->ip.ihl < 5)
-		return -1;
-	q->l4 = q->off + q->ip.ihl * 4;
-	if (q->ip.protocol == IPPROTO_TCP || q->ip.protocol == IPPROTO_UDP) {
-		__u16 ports[2];
-
-		if (bpf_skb_load_bytes(skb, q->l4, ports, sizeof(ports)) < 0)
-			return -1;
-		q->sport = ports[0];
-		q->dport = ports[1];
-		return 0;
-	}
-	if (q->ip.protocol == IPPROTO_ICMP) {
-		struct icmp_echo_hdr echo;
-
-		if (bpf_skb_load_bytes(skb, q->l4, &echo, sizeof(echo)) < 0 || echo.type != ICMP_ECHO)
-			return -1;
-		q->sport = echo.id;
-		q->dport = 0;
-		return 0;
-	}
-	return -1;
-}
-
-/* Rewrites the source (`src`) or destination address and port of the quoted packet, keeping
+/* Rewrites the source (`src`) or destination address and port of a rewritable quote, keeping
  * its IP and transport checksums and the ICMP checksum right. */
 static __always_inline int icmp_quote_rewrite(struct __sk_buff *skb, const struct flow *f,
 					      const struct icmp_quote *q, int src, __u32 old_addr,
@@ -1406,7 +1413,7 @@ __attribute__((noinline)) int ferrum_lb_icmp_error(struct __sk_buff *skb, struct
 	__u32 backend, vip;
 	__u16 vport;
 
-	if (!f || !is_icmp_error(f) || load_icmp_quote(skb, f, &q) < 0 ||
+	if (!f || !is_icmp_error(f) || load_icmp_quote(skb, f, &q) < 0 || !quote_rewritable(&q) ||
 	    q.ip.protocol == IPPROTO_ICMP)
 		return 0;
 	/* Oriented like the backend's reply. */
@@ -1451,7 +1458,7 @@ __attribute__((noinline)) int ferrum_snat_icmp_error(struct __sk_buff *skb, stru
 	if (!cfg || !f)
 		return TC_ACT_OK;
 	node = cfg->node_ip;
-	if (load_icmp_quote(skb, f, &q) < 0 || q.ip.saddr != node)
+	if (load_icmp_quote(skb, f, &q) < 0 || !quote_rewritable(&q) || q.ip.saddr != node)
 		return TC_ACT_OK;
 	/* Oriented like a reply: remote side first, this node's SNAT address and port second. */
 	rev.addr_a = q.ip.daddr;
@@ -1939,8 +1946,6 @@ int to_pod(struct __sk_buff *skb)
 {
 	struct ferrum_config *cfg = config();
 	struct ferrum_endpoint *ep;
-	void *data, *data_end;
-	struct ethhdr *eth;
 	struct flow f = {};
 	int rc;
 
@@ -1959,16 +1964,7 @@ int to_pod(struct __sk_buff *skb)
 	/* VNet: a remote backend's ICMP errors come this way (they carry no ports). */
 	if (is_icmp_error(&f) && ferrum_lb_icmp_error(skb, &f) < 0)
 		return drop(skb, FERRUM_DROP_REWRITE_FAILED, &f);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return drop(skb, FERRUM_DROP_MALFORMED, &f);
-	/* As if routed out of the pod's host veth; its egress carries the frame into the pod. */
-	__builtin_memcpy(eth->h_dest, ep->pod_mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, ep->host_mac, ETH_ALEN);
-	trace(skb, cfg, FERRUM_TRACE_TO_ENDPOINT, &f, 0, 0, 0);
-	return bpf_redirect(ep->ifindex, 0);
+	return deliver_to_endpoint(skb, cfg, ep, &f, 0);
 }
 
 /* ---- Socket-level load balancing (cgroup sock_addr hooks) ------------------------------ */

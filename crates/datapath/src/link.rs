@@ -469,30 +469,29 @@ impl Netlink {
     }
 }
 
+fn link_infos(msg: &LinkMessage) -> &[NlLinkInfo] {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos.as_slice()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 fn link_kind_is(msg: &LinkMessage, kind: &InfoKind) -> bool {
-    msg.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos
-            .iter()
-            .any(|i| matches!(i, NlLinkInfo::Kind(k) if k == kind)),
-        _ => false,
-    })
+    link_infos(msg)
+        .iter()
+        .any(|i| matches!(i, NlLinkInfo::Kind(k) if k == kind))
 }
 
 fn is_external_vxlan_on(msg: &LinkMessage, dstport: u16) -> bool {
-    let infos = msg.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => Some(infos),
-        _ => None,
-    });
-    let Some(infos) = infos else { return false };
-    let is_vxlan = infos
-        .iter()
-        .any(|i| matches!(i, NlLinkInfo::Kind(InfoKind::Vxlan)));
-    let data = infos.iter().find_map(|i| match i {
+    let data = link_infos(msg).iter().find_map(|i| match i {
         NlLinkInfo::Data(InfoData::Vxlan(d)) => Some(d),
         _ => None,
     });
     let Some(data) = data else { return false };
-    is_vxlan
+    link_kind_is(msg, &InfoKind::Vxlan)
         && data.contains(&InfoVxlan::CollectMetadata(true))
         && data.contains(&InfoVxlan::Port(dstport))
 }

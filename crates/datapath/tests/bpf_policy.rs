@@ -610,10 +610,7 @@ spec:
 
 /// ICMP port unreachable from `from` to `to`, quoting `quoted` (an IP packet's first bytes).
 fn icmp_unreachable(from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
-    let mut msg = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    msg.extend_from_slice(&quoted[..28]);
-    let csum = packet::checksum(&msg);
-    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    let msg = packet::icmp_error(3, 3, [0; 4], &quoted[..28]);
     packet::ethernet(
         OVERLAY_MAC,
         OVERLAY_MAC,
@@ -629,7 +626,9 @@ metadata: {name: a-dns-only, namespace: x}
 spec:
   podSelector: {matchLabels: {app: a}}
   policyTypes: [Ingress, Egress]
-  egress: [{ports: [{port: 53, protocol: UDP}]}]
+  egress:
+  - ports: [{port: 53, protocol: UDP}]
+  - to: [{ipBlock: {cidr: 10.1.1.7/32}}]
 ";
     let (mut f, _, _) = fixture(&[isolate_a])?;
     let query = udp(sa(POD_A, 5000), sa(REMOTE_POD, 53));
@@ -650,5 +649,19 @@ spec:
     let unknown = udp(sa(POD_A, 5001), sa(REMOTE_POD, 53));
     let error = icmp_unreachable(REMOTE_POD, POD_A, &ip_of(&unknown));
     assert_eq!(f.run(Program::FromOverlay, &error)?, TC_ACT_SHOT);
+    // A ping's error quotes the echo request; the echo id identifies its flow.
+    let (smac, dmac) = macs(POD_A);
+    let ping = packet::icmp_echo_frame(smac, dmac, POD_A, REMOTE_POD, true, 99);
+    assert_eq!(
+        f.leave_pod(&ping)?,
+        TC_ACT_REDIRECT,
+        "allowed to the remote pod"
+    );
+    let error = icmp_unreachable(REMOTE_POD, POD_A, &ip_of(&ping));
+    assert_eq!(
+        f.run(Program::FromOverlay, &error)?,
+        TC_ACT_REDIRECT,
+        "the ping's error is related"
+    );
     Ok(())
 }
