@@ -164,8 +164,8 @@ fn vnet_remote_backend_reply_is_translated_on_the_uplink() -> Result<()> {
     assert_eq!((p.dst, p.dport), (remote_backend, 8080));
 
     let reply = packet::tcp_frame(
-        [0x02, 0x10, 0, 0, 0, 0x0a],
-        [0x02, 0x10, 0, 0, 0, 0x01],
+        ROUTER_MAC,
+        UPLINK_MAC,
         sa(remote_backend, 8080),
         sa(POD_A, 40000),
         b"ok",
@@ -182,17 +182,17 @@ fn vnet_remote_backend_reply_is_translated_on_the_uplink() -> Result<()> {
 
 /// A backend's ICMP error about a balanced packet (here UDP port unreachable) reaches the
 /// client as the frontend's: outer source and quoted destination are the VIP again, so the
-/// client's socket, connected to the VIP, gets the error. Same node and across the overlay.
+/// client's socket, connected to the VIP, gets the error.
 #[test]
 fn backend_icmp_errors_reach_the_client_from_the_frontend() -> Result<()> {
     let mut f = fixture()?;
     f.service(internal(53, PROTO_UDP), 4, &[sa(POD_B, 5353)])?;
     f.service(internal(54, PROTO_UDP), 5, &[sa(REMOTE_POD, 5353)])?;
     // Same node; across the overlay; and (VNet) through the host stack to the host device.
-    for (vport, backend, program, ifindex) in [
-        (53, POD_B, Program::FromPod, f.veth_b),
-        (54, REMOTE_POD, Program::FromOverlay, f.veth_b),
-        (54, REMOTE_POD, Program::ToPod, f.veth_b),
+    for (vport, backend, program) in [
+        (53, POD_B, Program::FromPod),
+        (54, REMOTE_POD, Program::FromOverlay),
+        (54, REMOTE_POD, Program::ToPod),
     ] {
         let q = packet::udp_frame(
             MAC_A,
@@ -212,7 +212,7 @@ fn backend_icmp_errors_reach_the_client_from_the_frontend() -> Result<()> {
             0x0800,
             &packet::ipv4(backend, POD_A, PROTO_ICMP, &icmp),
         );
-        let out = f.dp.test_run(program, &error, ifindex, 1)?;
+        let out = f.dp.test_run(program, &error, f.veth_b, 1)?;
         assert_eq!(out.retval, TC_ACT_REDIRECT, "into the client");
         packet::verify_checksums(&out.frame)?;
         let p = packet::parse(&out.frame)?;

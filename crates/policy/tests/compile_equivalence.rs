@@ -3,6 +3,7 @@
 //! straightforward one it replaced (`reference`): on random clusters and policies, every field
 //! of the compiled state must be the same, and so must the rejected policies.
 
+mod random_policy;
 mod reference;
 
 use ferrum_policy::{IdentityAllocator, Inputs, PolicyState, RuleAllocator};
@@ -10,9 +11,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use proptest::prelude::*;
 
-fn yaml<T: serde::de::DeserializeOwned>(s: &str) -> T {
-    serde_yaml::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
-}
+use random_policy::yaml;
 
 /// (namespace index, pod label, tier, node, named ports variant, address variant)
 type PodSpec = (usize, &'static str, u8, u8, u8, u8);
@@ -63,18 +62,10 @@ spec: {{nodeName: n{node}, {host}containers: [{{name: c, ports: {ports}}}]}}
 {status}"
         )));
     }
-    let nodes = (0..2)
-        .map(|n| {
-            yaml(&format!(
-                "metadata: {{name: n{n}}}\nstatus: {{addresses: [{{type: InternalIP, address: 10.0.0.{}}}]}}",
-                n + 1
-            ))
-        })
-        .collect();
-    (namespaces, pods, nodes)
+    (namespaces, pods, random_policy::nodes())
 }
 
-fn peer() -> impl Strategy<Value = String> {
+fn peer() -> BoxedStrategy<String> {
     prop_oneof![
         prop::sample::select(vec!["a", "b", "c"])
             .prop_map(|p| format!("{{podSelector: {{matchLabels: {{pod: {p}}}}}}}")),
@@ -93,64 +84,20 @@ fn peer() -> impl Strategy<Value = String> {
         )),
         Just("{ipBlock: {cidr: 10.244.0.0/33}}".to_string()),
     ]
-}
-
-fn port() -> impl Strategy<Value = String> {
-    prop_oneof![
-        (79u16..83, prop::sample::select(vec!["TCP", "UDP", "SCTP"]))
-            .prop_map(|(p, pr)| format!("{{port: {p}, protocol: {pr}}}")),
-        (79u16..83, 0u16..4).prop_map(|(p, e)| format!("{{port: {p}, endPort: {}}}", p + e)),
-        prop::sample::select(vec!["web", "dns", "nope"]).prop_map(|n| {
-            let proto = if n == "dns" { "UDP" } else { "TCP" };
-            format!("{{port: {n}, protocol: {proto}}}")
-        }),
-        Just("{port: web, protocol: SCTP}".to_string()),
-        Just("{protocol: UDP}".to_string()),
-    ]
-}
-
-fn rule(key: &'static str) -> impl Strategy<Value = String> {
-    (
-        prop::option::of(prop::collection::vec(peer(), 1..3)),
-        prop::option::of(prop::collection::vec(port(), 1..3)),
-    )
-        .prop_map(move |(peers, ports)| {
-            let mut r = String::from("{");
-            if let Some(p) = peers {
-                r += &format!("{key}: [{}], ", p.join(", "));
-            }
-            if let Some(p) = ports {
-                r += &format!("ports: [{}]", p.join(", "));
-            }
-            r + "}"
-        })
+    .boxed()
 }
 
 fn policy() -> impl Strategy<Value = String> {
-    (
-        prop::sample::select(vec!["x", "y", "z"]),
-        prop::sample::select(vec![
+    random_policy::policy(
+        vec!["x", "y", "z"],
+        vec![
             "{}",
             "{matchLabels: {pod: a}}",
             "{matchExpressions: [{key: pod, operator: In, values: [b, c]}]}",
             "{matchExpressions: [{key: tier, operator: DoesNotExist}]}",
-        ]),
-        prop::sample::select(vec![
-            "",
-            "policyTypes: [Ingress]",
-            "policyTypes: [Egress]",
-            "policyTypes: [Ingress, Egress]",
-        ]),
-        prop::collection::vec(rule("from"), 0..3),
-        prop::collection::vec(rule("to"), 0..3),
+        ],
+        peer,
     )
-        .prop_map(|(ns, sel, types, ing, eg)| {
-            format!(
-                "metadata: {{namespace: {ns}}}\nspec:\n  podSelector: {sel}\n  {types}\n  ingress: [{}]\n  egress: [{}]\n",
-                ing.join(", "),
-                eg.join(", ")
-            )
-        })
 }
 
 proptest! {

@@ -4,15 +4,15 @@
 
 use std::net::Ipv4Addr;
 
+mod random_policy;
+
 use ferrum_policy::compile::{Direction, Reason};
 use ferrum_policy::{IdentityAllocator, Inputs, PolicyState};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use proptest::prelude::*;
 
-fn yaml<T: serde::de::DeserializeOwned>(s: &str) -> T {
-    serde_yaml::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
-}
+use random_policy::yaml;
 
 fn cluster() -> (Vec<Namespace>, Vec<Pod>, Vec<Node>) {
     let namespaces = ["x", "y"]
@@ -35,15 +35,7 @@ status: {{podIP: 10.244.{}.{}}}",
             )));
         }
     }
-    let nodes = (0..2)
-        .map(|n| {
-            yaml(&format!(
-                "metadata: {{name: n{n}}}\nstatus: {{addresses: [{{type: InternalIP, address: 10.0.0.{}}}]}}",
-                n + 1
-            ))
-        })
-        .collect();
-    (namespaces, pods, nodes)
+    (namespaces, pods, random_policy::nodes())
 }
 
 fn cidr() -> impl Strategy<Value = (String, Vec<String>)> {
@@ -75,7 +67,7 @@ fn cidr() -> impl Strategy<Value = (String, Vec<String>)> {
         })
 }
 
-fn peer() -> impl Strategy<Value = String> {
+fn peer() -> BoxedStrategy<String> {
     prop_oneof![
         prop::sample::select(vec!["a", "b", "c"]).prop_map(|p| format!("{{podSelector: {{matchLabels: {{pod: {p}}}}}}}")),
         prop::sample::select(vec!["x", "y"]).prop_map(|n| format!("{{namespaceSelector: {{matchLabels: {{ns: {n}}}}}}}")),
@@ -84,53 +76,19 @@ fn peer() -> impl Strategy<Value = String> {
         )),
         cidr().prop_map(|(c, ex)| format!("{{ipBlock: {{cidr: {c}, except: [{}]}}}}", ex.join(", "))),
     ]
-}
-
-fn port() -> impl Strategy<Value = String> {
-    prop_oneof![
-        (79u16..83, prop::sample::select(vec!["TCP", "UDP", "SCTP"]))
-            .prop_map(|(p, pr)| format!("{{port: {p}, protocol: {pr}}}")),
-        (79u16..83, 0u16..4).prop_map(|(p, e)| format!("{{port: {p}, endPort: {}}}", p + e)),
-        prop::sample::select(vec!["web", "dns"]).prop_map(|n| {
-            let proto = if n == "dns" { "UDP" } else { "TCP" };
-            format!("{{port: {n}, protocol: {proto}}}")
-        }),
-        Just("{protocol: UDP}".to_string()),
-    ]
-}
-
-fn rule(key: &'static str) -> impl Strategy<Value = String> {
-    (
-        prop::option::of(prop::collection::vec(peer(), 1..3)),
-        prop::option::of(prop::collection::vec(port(), 1..3)),
-    )
-        .prop_map(move |(peers, ports)| {
-            let mut r = String::from("{");
-            if let Some(p) = peers {
-                r += &format!("{key}: [{}], ", p.join(", "));
-            }
-            if let Some(p) = ports {
-                r += &format!("ports: [{}]", p.join(", "));
-            }
-            r + "}"
-        })
+    .boxed()
 }
 
 fn policy() -> impl Strategy<Value = String> {
-    (
-        prop::sample::select(vec!["x", "y"]),
-        prop::sample::select(vec!["{}", "{matchLabels: {pod: a}}", "{matchExpressions: [{key: pod, operator: In, values: [b, c]}]}"]),
-        prop::sample::select(vec!["", "policyTypes: [Ingress]", "policyTypes: [Egress]", "policyTypes: [Ingress, Egress]"]),
-        prop::collection::vec(rule("from"), 0..3),
-        prop::collection::vec(rule("to"), 0..3),
+    random_policy::policy(
+        vec!["x", "y"],
+        vec![
+            "{}",
+            "{matchLabels: {pod: a}}",
+            "{matchExpressions: [{key: pod, operator: In, values: [b, c]}]}",
+        ],
+        peer,
     )
-        .prop_map(|(ns, sel, types, ing, eg)| {
-            format!(
-                "metadata: {{namespace: {ns}}}\nspec:\n  podSelector: {sel}\n  {types}\n  ingress: [{}]\n  egress: [{}]\n",
-                ing.join(", "),
-                eg.join(", ")
-            )
-        })
 }
 
 proptest! {
