@@ -41,6 +41,18 @@ fn fnode(rv: &str, requested: u32, cidrs: &[&str]) -> serde_json::Value {
     })
 }
 
+const POD_SUBNET: &str = "10.241.0.0/16";
+
+/// Node a's watch source in VNet mode against the mock API server (POD_SUBNET, 110 pods).
+fn start_node_a(api: &MockApi) -> KubeSource {
+    let mock = api.clone();
+    let options = VnetOptions {
+        pod_subnet: POD_SUBNET.parse().unwrap(),
+        max_pods: 110,
+    };
+    KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap()
+}
+
 /// Reads events until this node's NodeNetworkConfig comes with a status for which `done`
 /// holds, and the Synced closing its batch.
 fn next_own_nnc(
@@ -166,14 +178,7 @@ fn the_agent_takes_claims_and_releases_batches_through_the_api_server() {
         Reply::Json(200, fnode("7", 16, &["10.241.0.16/28", "10.241.0.32/28"])),
     )
     .on("PUT", NODE_A, false, Reply::Echo(200));
-
-    let mock = api.clone();
-    let options = VnetOptions {
-        pod_subnet: "10.241.0.0/16".parse().unwrap(),
-        max_pods: 110,
-    };
-    let mut src =
-        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    let mut src = start_node_a(&api);
     let mut requester = src
         .ip_requester()
         .expect("VNet mode takes address requests");
@@ -182,7 +187,7 @@ fn the_agent_takes_claims_and_releases_batches_through_the_api_server() {
     //    the pool's batch policy.
     let nnc = next_own_nnc(&mut src, |n| n.status.is_some());
     assert_eq!(nnc.spec.requested_ip_count, 16);
-    let mut ipam: Pool<u32, ()> = Pool::with_subnet(options.pod_subnet, 110);
+    let mut ipam: Pool<u32, ()> = Pool::with_subnet(POD_SUBNET.parse().unwrap(), 110);
     let scaler = take_status(&mut ipam, &nnc);
     assert_eq!(
         (scaler.batch_size, scaler.min_free(), scaler.max_free()),
@@ -341,13 +346,7 @@ fn an_exhausted_request_is_met_once_another_node_frees_a_batch() {
         Reply::Json(200, fnode("3", 32, &["10.241.0.16/28"])),
     )
     .on("PUT", NODE_A, false, Reply::Echo(200));
-    let mock = api.clone();
-    let options = VnetOptions {
-        pod_subnet: "10.241.0.0/16".parse().unwrap(),
-        max_pods: 110,
-    };
-    let mut src =
-        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    let mut src = start_node_a(&api);
     // While the pool is full the node is told so (CNI ADD then fails permanently, not "try
     // again"), with the pool named.
     let nnc = next_own_nnc(&mut src, |n| n.status.is_some());
@@ -461,13 +460,7 @@ fn a_deleted_nodes_batches_go_back_to_the_pool_and_its_ferrum_node_is_deleted() 
         )
         .on("GET", NODE_D, false, Reply::Json(200, core_node("d")));
     }
-    let mock = api.clone();
-    let options = VnetOptions {
-        pod_subnet: "10.241.0.0/16".parse().unwrap(),
-        max_pods: 110,
-    };
-    let mut src =
-        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    let mut src = start_node_a(&api);
     next_own_nnc(&mut src, |n| n.status.is_some());
     wait_for(&api, "GET of node d", |seen| {
         seen.iter().any(|s| s.method == "GET" && s.path == NODE_D)
@@ -568,13 +561,7 @@ fn the_reason_the_pool_is_unusable_comes_with_the_node_network_config() {
             vec![serde_json::json!({"type": "ADDED", "object": outside})],
         ),
     );
-    let mock = api.clone();
-    let options = VnetOptions {
-        pod_subnet: "10.241.0.0/16".parse().unwrap(),
-        max_pods: 110,
-    };
-    let mut src =
-        KubeSource::start_with(Arc::new(move || Ok(mock.client())), "a", Some(options)).unwrap();
+    let mut src = start_node_a(&api);
     let nnc = next_own_nnc(&mut src, |n| n.pending_reason().is_some());
     assert!(nnc.status.is_none());
     let why = nnc.pending_reason().unwrap();
