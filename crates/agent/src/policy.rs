@@ -18,13 +18,6 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 type Name = (String, String);
 
-fn name_of(o: &Object) -> Name {
-    (
-        o.namespace().unwrap_or("default").to_string(),
-        o.name().to_string(),
-    )
-}
-
 #[derive(Debug, Default, Clone)]
 struct Objects {
     namespaces: BTreeMap<String, Namespace>,
@@ -70,7 +63,7 @@ impl PolicyTable {
                 }
             }
             Object::Pod(p) => {
-                let key = name_of(object);
+                let key = object.namespaced_name();
                 if upsert {
                     target.pods.insert(key, p.clone()) != Some(p.clone())
                 } else {
@@ -78,7 +71,7 @@ impl PolicyTable {
                 }
             }
             Object::NetworkPolicy(p) => {
-                let key = name_of(object);
+                let key = object.namespaced_name();
                 if upsert {
                     target.policies.insert(key, p.clone()) != Some(p.clone())
                 } else {

@@ -14,13 +14,6 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 type Name = (String, String);
 
-fn name_of(o: &Object) -> Name {
-    (
-        o.namespace().unwrap_or("default").to_string(),
-        o.name().to_string(),
-    )
-}
-
 #[derive(Debug, Default, Clone)]
 struct Objects {
     services: BTreeMap<Name, Service>,
@@ -85,12 +78,12 @@ impl ServiceTable {
         match event {
             WatchEvent::Upsert { object } | WatchEvent::Delete { object } => match object {
                 Object::Service(_) => {
-                    self.stale.insert(name_of(object));
+                    self.stale.insert(object.namespaced_name());
                 }
                 Object::EndpointSlice(_) => {
                     self.stale.extend(slice_service(object));
                     // The slice may have belonged to another Service before.
-                    if let Some(old) = self.current.slices.get(&name_of(object)) {
+                    if let Some(old) = self.current.slices.get(&object.namespaced_name()) {
                         self.stale.extend(service_of(old));
                     }
                 }
@@ -103,19 +96,21 @@ impl ServiceTable {
         let changed = match event {
             WatchEvent::Upsert { object } => match object {
                 Object::Service(s) => {
-                    target.services.insert(name_of(object), s.clone());
+                    target.services.insert(object.namespaced_name(), s.clone());
                     true
                 }
                 Object::EndpointSlice(s) => {
-                    target.slices.insert(name_of(object), s.clone());
+                    target.slices.insert(object.namespaced_name(), s.clone());
                     true
                 }
                 Object::Node(_) => true,
                 _ => false,
             },
             WatchEvent::Delete { object } => match object {
-                Object::Service(_) => target.services.remove(&name_of(object)).is_some(),
-                Object::EndpointSlice(_) => target.slices.remove(&name_of(object)).is_some(),
+                Object::Service(_) => target.services.remove(&object.namespaced_name()).is_some(),
+                Object::EndpointSlice(_) => {
+                    target.slices.remove(&object.namespaced_name()).is_some()
+                }
                 Object::Node(_) => true,
                 _ => false,
             },

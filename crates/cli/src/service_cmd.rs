@@ -74,10 +74,7 @@ pub fn backend_counts(services: &[Object], slices: &[Object]) -> Vec<String> {
     services
         .iter()
         .map(|o| {
-            let key = (
-                o.namespace().unwrap_or("default").to_string(),
-                o.name().to_string(),
-            );
+            let key = o.namespaced_name();
             match counts.get(&key) {
                 Some((ready, all)) => format!("{}/{}", ready.len(), all.len()),
                 None => "<none>".into(),

@@ -57,6 +57,15 @@ impl Object {
         self.metadata().namespace.as_deref()
     }
 
+    /// (namespace, name) of a namespaced object, the namespace defaulting to "default" as
+    /// the API server's does.
+    pub fn namespaced_name(&self) -> (String, String) {
+        (
+            self.namespace().unwrap_or("default").to_string(),
+            self.name().to_string(),
+        )
+    }
+
     pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
             Object::Namespace(o) => &o.metadata,
