@@ -77,6 +77,28 @@ impl MockApi {
         self.seen.lock().unwrap().clone()
     }
 
+    /// Waits up to ten seconds for every (apiGroup, resource, verb) in `calls` to be made, and
+    /// panics naming the ones missing. Watches start on their own tasks after their lists, so
+    /// a test that has seen a list's data cannot assume the watch request has been sent yet.
+    pub fn assert_calls_made(&self, calls: &[(&str, &str, &str)]) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let made: std::collections::BTreeSet<_> = self.seen().iter().map(rbac_call).collect();
+            let missing: Vec<_> = calls
+                .iter()
+                .filter(|(g, r, v)| !made.contains(&(g.to_string(), r.to_string(), v.to_string())))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{missing:?} not made; made: {made:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Default answers: an empty list for collections, an open watch for watches, 404 for
     /// anything else (a named object that does not exist).
     fn default_reply(method: &str, path: &str, watch: bool) -> Reply {
