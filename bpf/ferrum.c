@@ -22,6 +22,8 @@ _Static_assert(sizeof(struct ferrum_endpoint) == FERRUM_ENDPOINT_SIZE, "ferrum_e
 _Static_assert(sizeof(struct ferrum_ipcache_value) == FERRUM_IPCACHE_VALUE_SIZE, "ipcache layout");
 _Static_assert(sizeof(struct ferrum_nat_key) == FERRUM_NAT_KEY_SIZE, "nat key layout");
 _Static_assert(sizeof(struct ferrum_nat_value) == FERRUM_NAT_VALUE_SIZE, "nat value layout");
+_Static_assert(sizeof(struct ferrum_frag_key) == FERRUM_FRAG_KEY_SIZE, "frag key layout");
+_Static_assert(sizeof(struct ferrum_frag_value) == FERRUM_FRAG_VALUE_SIZE, "frag value layout");
 _Static_assert(sizeof(struct ferrum_event) == FERRUM_EVENT_SIZE, "event layout");
 _Static_assert(sizeof(struct ferrum_flow_key) == FERRUM_FLOW_KEY_SIZE, "flow key layout");
 _Static_assert(sizeof(struct ferrum_flow_slot) == FERRUM_FLOW_SLOT_SIZE, "flow slot layout");
@@ -152,6 +154,9 @@ struct flow {
 	__u32 rule_id;
 	__u8 lb_rev; /* lb_rev_nat translated this reply */
 	__u8 reply; /* the policy stage found it to be a reply */
+	/* A non-first IPv4 fragment: no transport header here, so translations rewrite the IP
+	 * header only; its ports (if any) are the first fragment's, from ferrum_frags. */
+	__u8 frag_later;
 };
 
 static __always_inline struct ferrum_config *config(void)
@@ -288,13 +293,31 @@ static __always_inline void trace(struct __sk_buff *skb, const struct ferrum_con
 		emit(skb, FERRUM_EVENT_TRACE, point, f, tunnel, nat_addr, nat_port);
 }
 
-/* Parses Ethernet + IPv4 (+ ports). Returns 0 on success, -1 when not IPv4, -2 malformed. */
+/* The first fragment's parse, for the later fragments of its datagram. LRU: an entry outlives
+ * its datagram, and a lost first fragment leaves nothing to clean up. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct ferrum_frag_key);
+	__type(value, struct ferrum_frag_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrum_frags SEC(".maps");
+
+#define IP_FRAG_MF 0x2000
+#define IP_FRAG_OFFSET 0x1fff
+
+/* Parses Ethernet + IPv4 (+ ports). Returns 0 on success, -1 when not IPv4, -2 malformed.
+ * A later fragment gets its first fragment's ports when that one passed this node; otherwise
+ * it has none (policy then judges it without ports, and nothing translates it). */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + ETH_HLEN;
+	struct ferrum_frag_key fkey = {};
+	struct ferrum_frag_value *first, fval = {};
+	__u16 frag;
 	__u32 ihl;
 
 	if ((void *)(eth + 1) > data_end)
@@ -315,9 +338,25 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 	f->icmp_type = 0;
 	f->tcp_flags = 0;
 	f->l4_off = ETH_HLEN + ihl;
-	/* Only first fragments (or unfragmented packets) carry the L4 header. */
-	if (ip->frag_off & bpf_htons(0x1fff))
+	f->frag_later = 0;
+	frag = ip->frag_off & bpf_htons(IP_FRAG_MF | IP_FRAG_OFFSET);
+	if (frag) {
+		fkey.saddr = ip->saddr;
+		fkey.daddr = ip->daddr;
+		fkey.id = ip->id;
+		fkey.proto = ip->protocol;
+	}
+	if (frag & bpf_htons(IP_FRAG_OFFSET)) {
+		f->frag_later = 1;
+		first = bpf_map_lookup_elem(&ferrum_frags, &fkey);
+		if (first) {
+			f->sport = first->sport;
+			f->dport = first->dport;
+			f->has_ports = first->has_ports;
+			f->icmp_type = first->icmp_type;
+		}
 		return 0;
+	}
 	if (f->proto == IPPROTO_TCP) {
 		__u8 tcp[14]; /* ports, seq, ack, data offset, flags */
 		if (bpf_skb_load_bytes(skb, f->l4_off, tcp, sizeof(tcp)) < 0)
@@ -354,6 +393,14 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 			else
 				f->dport = icmp.id;
 		}
+	}
+	if (frag) {
+		/* The first of several fragments. */
+		fval.sport = f->sport;
+		fval.dport = f->dport;
+		fval.has_ports = f->has_ports;
+		fval.icmp_type = f->icmp_type;
+		bpf_map_update_elem(&ferrum_frags, &fkey, &fval, BPF_ANY);
 	}
 	return 0;
 }
@@ -666,7 +713,7 @@ struct icmp_quote {
 
 static __always_inline int is_icmp_error(const struct flow *f)
 {
-	return f->proto == IPPROTO_ICMP &&
+	return f->proto == IPPROTO_ICMP && !f->frag_later &&
 	       (f->icmp_type == ICMP_ERR_UNREACH || f->icmp_type == ICMP_ERR_TIME_EXCEEDED ||
 		f->icmp_type == ICMP_ERR_PARAMETER);
 }
@@ -1045,8 +1092,10 @@ static __always_inline int lb_reject(struct __sk_buff *skb, const struct ferrum_
 	struct ethhdr *eth;
 
 	emit(skb, FERRUM_EVENT_DROP, FERRUM_DROP_NO_BACKEND, f, 0, 0, 0);
-	if (f->l4_off != ETH_HLEN + sizeof(struct iphdr))
-		return TC_ACT_SHOT; /* IP options: quoting them is not worth the complexity */
+	/* IP options: quoting them is not worth the complexity. A later fragment: the client
+	 * got its error with the first one. */
+	if (f->l4_off != ETH_HLEN + sizeof(struct iphdr) || f->frag_later)
+		return TC_ACT_SHOT;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, quoted, sizeof(quoted)) < 0)
 		return TC_ACT_SHOT;
 	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(ip) + sizeof(icmp) + sizeof(quoted), 0) < 0)
@@ -1702,6 +1751,10 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 	struct l4_offsets o;
 	__u32 addr_off = src ? IP_SADDR_OFF : IP_DADDR_OFF;
 
+	/* A later fragment has no transport header: the first one's checksum and port carry the
+	 * translation for the whole datagram. */
+	if (f->frag_later)
+		goto l3;
 	if (l4_offsets(f, src, &o) < 0)
 		return -1;
 	if (o.csum_flags & BPF_F_PSEUDO_HDR) {
@@ -1713,6 +1766,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct flow *f, 
 		return -1;
 	if (bpf_skb_store_bytes(skb, o.port, &new_port, 2, 0) < 0)
 		return -1;
+l3:
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) < 0)
 		return -1;
 	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
@@ -1938,7 +1992,7 @@ int from_uplink(struct __sk_buff *skb)
 
 /* tcx egress on the node's host device (ferrum_host, one end of a veth pair), where the host
  * stack routes every local pod's /32: the node's own traffic to its pods, and in VNet mode
- * what the uplink hands the stack (fragments, ICMP errors). One node-level hook instead of one per pod keeps CNI ADD to a
+ * what the uplink hands the stack (ICMP errors, fragments it has no ports for). One node-level hook instead of one per pod keeps CNI ADD to a
  * single tcx attach. Packets the programs above redirect straight into a pod never come here:
  * they were judged where they were redirected. */
 SEC("classifier/to_pod")

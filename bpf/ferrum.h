@@ -86,6 +86,27 @@ struct ferrum_nat_value {
 #define FERRUM_NAT_CLOSING (1U << 1)
 #define FERRUM_NAT_VALUE_SIZE 16
 
+/* IPv4 fragment tracking: only a datagram's first fragment carries its transport header, so
+ * what the first one's parse found (ports, ICMP type) is kept for the later ones under the
+ * datagram's identity: source, destination, IP id, protocol. */
+struct ferrum_frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u8 proto;
+	__u8 pad;
+};
+#define FERRUM_FRAG_KEY_SIZE 12
+
+struct ferrum_frag_value {
+	__u16 sport;
+	__u16 dport;
+	__u8 has_ports;
+	__u8 icmp_type;
+	__u8 pad[2];
+};
+#define FERRUM_FRAG_VALUE_SIZE 8
+
 /* ferrum_events: ring buffer records. */
 struct ferrum_event {
 	__u64 ts_ns;

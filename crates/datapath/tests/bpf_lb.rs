@@ -247,6 +247,81 @@ fn udp_without_checksum_keeps_none_after_translation() -> Result<()> {
     Ok(())
 }
 
+/// Runs `program` on each fragment; all must be redirected. Returns what came out.
+fn run_fragments(f: &mut Fixture, program: Program, frags: &[Vec<u8>]) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for (i, frag) in frags.iter().enumerate() {
+        let run = f.dp.test_run(program, frag, f.veth_a, 1)?;
+        assert_eq!(run.retval, TC_ACT_REDIRECT, "fragment {i}");
+        out.push(run.frame);
+    }
+    Ok(out)
+}
+
+/// Only a datagram's first fragment has the UDP header; the later ones must follow it to the
+/// same backend (and back from it) by the IP id, or a large UDP request to a Service never
+/// reassembles.
+#[test]
+fn fragmented_datagrams_are_translated_whole_both_ways() -> Result<()> {
+    let mut f = fixture()?;
+    f.service(internal(53, PROTO_UDP), 4, &[sa(REMOTE_POD, 5353)])?;
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let q = packet::udp_frame(
+        MAC_A,
+        HOST_MAC_A,
+        sa(POD_A, 33000),
+        sa(VIP, 53),
+        &payload,
+        true,
+    );
+    let frags = packet::fragment(&q, 0x4242, 1400);
+    assert_eq!(frags.len(), 3);
+    let out = run_fragments(&mut f, Program::FromPod, &frags)?;
+    for frame in &out {
+        let p = packet::parse(frame)?;
+        assert_eq!(
+            (p.src, p.dst),
+            (POD_A, REMOTE_POD),
+            "every fragment to the backend"
+        );
+        assert_eq!(packet::fragment_info(frame)?.0, 0x4242);
+    }
+    let whole = packet::reassemble(&out)?;
+    packet::verify_checksums(&whole)?;
+    let p = packet::parse(&whole)?;
+    assert_eq!((p.sport, p.dport), (33000, 5353));
+    assert_eq!(whole[14 + 20 + 8..], payload[..], "payload untouched");
+
+    // The backend's large answer, fragmented, comes back from the frontend.
+    let answer = packet::udp_frame(
+        [0x02, 0xbb, 0, 0, 0, 1],
+        [0x02, 0xbb, 0, 0, 0, 2],
+        sa(REMOTE_POD, 5353),
+        sa(POD_A, 33000),
+        &payload,
+        true,
+    );
+    let out = run_fragments(
+        &mut f,
+        Program::FromOverlay,
+        &packet::fragment(&answer, 7, 1400),
+    )?;
+    for frame in &out {
+        let p = packet::parse(frame)?;
+        assert_eq!((p.src, p.dst, p.eth_dst), (VIP, POD_A, MAC_A));
+    }
+    let whole = packet::reassemble(&out)?;
+    packet::verify_checksums(&whole)?;
+    let p = packet::parse(&whole)?;
+    assert_eq!((p.sport, p.dport), (53, 33000));
+
+    // A later fragment whose first one never passed has no ports: nothing translates it.
+    let orphan = packet::fragment(&q, 0x4343, 1400).remove(1);
+    let out = f.dp.test_run(Program::FromPod, &orphan, f.veth_a, 1)?;
+    assert_eq!(packet::parse(&out.frame)?.dst, VIP);
+    Ok(())
+}
+
 #[test]
 fn a_flow_sticks_to_its_backend_and_new_flows_spread_randomly() -> Result<()> {
     let mut f = fixture()?;

@@ -267,6 +267,37 @@ fn ingress_allows_only_the_selected_peer_ports_and_protocols_and_drops_name_the_
     Ok(())
 }
 
+/// Later fragments have no ports of their own: they are judged as their first fragment's
+/// flow, so a large datagram to an allowed port arrives whole and one to a denied port not at
+/// all.
+#[test]
+fn fragments_are_judged_by_their_datagrams_ports() -> Result<()> {
+    let (mut f, _, _) = fixture(&[B_FROM_A_8080])?;
+    let payload = vec![0x5a; 3000];
+    let datagram = |dport| {
+        packet::udp_frame(
+            MAC_A,
+            HOST_MAC_A,
+            sa(POD_A, 5000),
+            sa(POD_B, dport),
+            &payload,
+            true,
+        )
+    };
+    for (id, dport, verdict) in [(1, 9005, TC_ACT_REDIRECT), (2, 9011, TC_ACT_SHOT)] {
+        for (i, frag) in packet::fragment(&datagram(dport), id, 1400)
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(f.leave_pod(frag)?, verdict, "port {dport}, fragment {i}");
+        }
+    }
+    // A later fragment whose first never passed cannot show a port: the port rule denies it.
+    let orphan = packet::fragment(&datagram(9005), 3, 1400).remove(2);
+    assert_eq!(f.leave_pod(&orphan)?, TC_ACT_SHOT);
+    Ok(())
+}
+
 #[test]
 fn replies_follow_conntrack_and_the_node_always_reaches_its_pods() -> Result<()> {
     let deny_all = "

@@ -536,6 +536,73 @@ fn icmp_echo_is_snatted_by_echo_id_and_reversed() -> Result<()> {
     Ok(())
 }
 
+/// A datagram's later fragments carry no ports: they are SNATted (and reversed) by the flow
+/// their first fragment belongs to, so large UDP and large pings leave the cluster whole.
+#[test]
+fn fragmented_datagrams_are_snatted_and_reversed_whole() -> Result<()> {
+    let mut f = fixture()?;
+    let payload: Vec<u8> = (0..2500u32).map(|i| (i * 13) as u8).collect();
+    let big_udp = packet::udp_frame(
+        HOST_MAC_B,
+        ROUTER_MAC,
+        sa(POD_A, 5353),
+        sa(EXTERNAL, 53),
+        &payload,
+        true,
+    );
+    let ping = |from: Ipv4Addr, to: Ipv4Addr, request: bool, id: u16| {
+        let msg = packet::icmp_echo(request, id, 1, &payload);
+        packet::ethernet(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            0x0800,
+            &packet::ipv4(from, to, 1, &msg),
+        )
+    };
+    for (i, request) in [big_udp, ping(POD_A, EXTERNAL, true, 777)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut out = Vec::new();
+        for frag in packet::fragment(&request, 100 + i as u16, 1000) {
+            let run = f.dp.test_run(Program::ToUplink, &frag, f.veth_b, 1)?;
+            assert_eq!(run.retval, TC_ACT_OK);
+            assert_eq!(packet::parse(&run.frame)?.src, NODE_IP, "every fragment");
+            out.push(run.frame);
+        }
+        let whole = packet::reassemble(&out)?;
+        packet::verify_checksums(&whole)?;
+        let p = packet::parse(&whole)?;
+        assert!(NAT_PORTS.contains(&p.sport), "NAT port {}", p.sport);
+
+        // The answer, as large, comes back to the pod.
+        let answer = if p.proto == 1 {
+            ping(EXTERNAL, NODE_IP, false, p.sport)
+        } else {
+            packet::udp_frame(
+                ROUTER_MAC,
+                UPLINK_MAC,
+                sa(EXTERNAL, 53),
+                sa(NODE_IP, p.sport),
+                &payload,
+                true,
+            )
+        };
+        let mut back = Vec::new();
+        for frag in packet::fragment(&answer, 200 + i as u16, 1000) {
+            let run = f.dp.test_run(Program::FromUplink, &frag, f.veth_b, 1)?;
+            assert_eq!(run.retval, TC_ACT_REDIRECT, "into the pod");
+            assert_eq!(packet::parse(&run.frame)?.dst, POD_A, "every fragment");
+            back.push(run.frame);
+        }
+        let whole = packet::reassemble(&back)?;
+        packet::verify_checksums(&whole)?;
+        let p = packet::parse(&whole)?;
+        assert_eq!(p.dport, if p.proto == 1 { 777 } else { 5353 });
+    }
+    Ok(())
+}
+
 #[test]
 fn non_pod_and_in_cluster_traffic_on_the_uplink_is_untouched() -> Result<()> {
     let mut f = fixture()?;

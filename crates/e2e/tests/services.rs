@@ -38,11 +38,15 @@ fn tcp_connect_error(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<(ErrorKind
 }
 
 fn udp_ask(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
+    udp_ask_with(netns, ip, port, b"hello".to_vec())
+}
+
+fn udp_ask_with(netns: &Path, ip: Ipv4Addr, port: u16, question: Vec<u8>) -> Result<String> {
     run_in_netns(netns, move || -> Result<String> {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(TIMEOUT))?;
         s.connect((ip, port))?;
-        s.send(b"hello")?;
+        s.send(&question)?;
         let mut buf = [0u8; 512];
         let n = s.recv(&mut buf).context("no UDP answer")?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
@@ -166,6 +170,11 @@ fn cluster_ip_services_balance_reject_hairpin_and_follow_endpoints() -> Result<(
     );
     // UDP too (a connected socket only accepts answers from the VIP itself).
     let seen = tally(30, || udp_ask(&client, vip, 53))?;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{seen:?}");
+    // A datagram larger than the pod MTU leaves the client in fragments; the later ones carry
+    // no ports and must follow the first to its backend, local or remote, or it never
+    // reassembles.
+    let seen = tally(20, || udp_ask_with(&client, vip, 53, vec![b'f'; 4000]))?;
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{seen:?}");
 
     // No backend: refused at once, not left to time out.

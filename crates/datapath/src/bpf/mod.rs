@@ -58,6 +58,11 @@ const MAP_ENDPOINTS: &str = "ferrum_endpoints";
 const MAP_IPCACHE: &str = "ferrum_ipcache";
 const MAP_NAT: &str = "ferrum_nat";
 const MAP_NAT_REV: &str = "ferrum_nat_rev";
+/// First fragments' ports for the later fragments of their datagram (bpf/ferrum.h
+/// `struct ferrum_frag_key` and `struct ferrum_frag_value`).
+const MAP_FRAGS: &str = "ferrum_frags";
+const FRAG_KEY_SIZE: usize = 12;
+const FRAG_VALUE_SIZE: usize = 8;
 /// `ferrum_nat_value.flags` (bpf/ferrum.h FERRUM_NAT_*).
 const NAT_REPLIED: u16 = 1;
 const NAT_CLOSING: u16 = 1 << 1;
@@ -81,7 +86,7 @@ pub(crate) const MAP_POLICY_EXACT: &str = "ferrum_policy_exact";
 pub(crate) const MAP_POL_CT: &str = "ferrum_pol_ct";
 
 /// (map, key size, value size) of every pinned map, to refuse pins left by an incompatible build.
-const MAP_LAYOUTS: [(&str, usize, usize); 20] = [
+const MAP_LAYOUTS: [(&str, usize, usize); 21] = [
     (MAP_POLICY_EXACT, POLICY_KEY_LEN, 4),
     (MAP_POL_ENDPOINTS, 4, abi::POL_ENDPOINT_SIZE),
     (MAP_POL_IPCACHE, 4, 4),
@@ -94,6 +99,7 @@ const MAP_LAYOUTS: [(&str, usize, usize); 20] = [
     (MAP_IPCACHE, IPCACHE_KEY_SIZE, IPCACHE_VALUE_SIZE),
     (MAP_NAT, NAT_KEY_SIZE, NAT_VALUE_SIZE),
     (MAP_NAT_REV, NAT_KEY_SIZE, NAT_VALUE_SIZE),
+    (MAP_FRAGS, FRAG_KEY_SIZE, FRAG_VALUE_SIZE),
     (MAP_LB_SERVICES, abi::LB_KEY_SIZE, abi::LB_SERVICE_SIZE),
     (
         MAP_LB_BACKENDS,
@@ -936,6 +942,10 @@ impl Datapath {
             (
                 MAP_NAT_REV,
                 count::<RawNatKey, RawNatValue>(self, MAP_NAT_REV)?,
+            ),
+            (
+                MAP_FRAGS,
+                count::<[u8; FRAG_KEY_SIZE], [u8; FRAG_VALUE_SIZE]>(self, MAP_FRAGS)?,
             ),
             (
                 MAP_LB_SERVICES,

@@ -235,6 +235,90 @@ pub fn ipv6_frame(src_mac: Mac, dst_mac: Mac) -> Vec<u8> {
     ethernet(dst_mac, src_mac, ETH_P_IPV6, &ip6)
 }
 
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+/// Splits an Ethernet + IPv4 frame (no IP options) into fragments as a router would (RFC 791):
+/// each carries at most `max_payload` bytes of the datagram's payload (rounded down to a
+/// multiple of 8), all have IP id `id`, DF is cleared, and the last has MF clear.
+pub fn fragment(frame: &[u8], id: u16, max_payload: usize) -> Vec<Vec<u8>> {
+    let (l4, end) = l4_bounds(frame).expect("an IPv4 frame");
+    assert_eq!(l4, ETH_HLEN + IP_HLEN, "no IP options");
+    let chunk = max_payload / 8 * 8;
+    assert!(chunk > 0, "fragments carry at least 8 bytes");
+    let payload = &frame[l4..end];
+    payload
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let mut ip = frame[ETH_HLEN..l4].to_vec();
+            let more = (i + 1) * chunk < payload.len();
+            let flags = ((i * chunk / 8) as u16) | if more { IP_MF } else { 0 };
+            ip[2..4].copy_from_slice(&((IP_HLEN + part.len()) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            ip[6..8].copy_from_slice(&flags.to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let csum = checksum(&ip);
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            ip.extend_from_slice(part);
+            let mut out = frame[..ETH_HLEN].to_vec();
+            out.extend_from_slice(&ip);
+            out
+        })
+        .collect()
+}
+
+/// (IP id, more fragments, offset in bytes) of an Ethernet + IPv4 frame.
+pub fn fragment_info(frame: &[u8]) -> Result<(u16, bool, usize), PacketError> {
+    l4_bounds(frame)?;
+    let ip = &frame[ETH_HLEN..];
+    let flags = u16::from_be_bytes([ip[6], ip[7]]);
+    Ok((
+        u16::from_be_bytes([ip[4], ip[5]]),
+        flags & IP_MF != 0,
+        usize::from(flags & IP_OFFSET_MASK) * 8,
+    ))
+}
+
+/// Joins the fragments of one datagram (in any order) into a single frame: the first
+/// fragment's Ethernet and IP header (fragment fields cleared, checksum recomputed) and the
+/// payloads at their offsets. Every fragment's IP header checksum must hold.
+pub fn reassemble(fragments: &[Vec<u8>]) -> Result<Vec<u8>, PacketError> {
+    let mut parts = Vec::new();
+    for frag in fragments {
+        let (l4, end) = l4_bounds(frag)?;
+        if checksum(&frag[ETH_HLEN..l4]) != 0 {
+            return Err(PacketError::BadIpChecksum);
+        }
+        let (_, more, offset) = fragment_info(frag)?;
+        parts.push((offset, more, frag, l4, end));
+    }
+    parts.sort_by_key(|p| p.0);
+    let (first_offset, _, first, first_l4, _) =
+        parts.first().ok_or(PacketError::Truncated("no fragment"))?;
+    if *first_offset != 0 || parts.last().is_some_and(|p| p.1) {
+        return Err(PacketError::Truncated("a fragment is missing"));
+    }
+    let mut payload = Vec::new();
+    for (offset, _, frag, l4, end) in &parts {
+        if *offset != payload.len() {
+            return Err(PacketError::Truncated("a fragment is missing"));
+        }
+        payload.extend_from_slice(&frag[*l4..*end]);
+    }
+    let mut ip = first[ETH_HLEN..*first_l4].to_vec();
+    let total = (ip.len() + payload.len()) as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6..8].copy_from_slice(&[0, 0]);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let csum = checksum(&ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut out = first[..ETH_HLEN].to_vec();
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
 /// The fields of a frame that tests look at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
@@ -383,6 +467,47 @@ mod tests {
         verify_checksums(&ping).unwrap();
         assert_eq!(parse(&ping).unwrap().icmp_type, Some(8));
         assert_eq!(parse(&ping).unwrap().sport, 77);
+    }
+
+    #[test]
+    fn fragments_carry_the_datagram_in_8_byte_units_and_reassemble_in_any_order() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let whole = udp_frame(
+            A,
+            B,
+            sa("10.1.0.5:33000"),
+            sa("10.0.0.20:53"),
+            &payload,
+            true,
+        );
+        let frags = fragment(&whole, 0x1234, 1405);
+        assert_eq!(frags.len(), 3, "3008 bytes of UDP in 1400-byte pieces");
+        let info: Vec<_> = frags.iter().map(|f| fragment_info(f).unwrap()).collect();
+        assert_eq!(
+            info,
+            [
+                (0x1234, true, 0),
+                (0x1234, true, 1400),
+                (0x1234, false, 2800)
+            ]
+        );
+        for f in &frags {
+            assert_eq!(checksum(&f[ETH_HLEN..ETH_HLEN + IP_HLEN]), 0);
+        }
+        let mut shuffled = frags.clone();
+        shuffled.rotate_left(1);
+        let joined = reassemble(&shuffled).unwrap();
+        verify_checksums(&joined).unwrap();
+        assert_eq!(joined[ETH_HLEN + IP_HLEN..], whole[ETH_HLEN + IP_HLEN..]);
+        assert_eq!(parse(&joined).unwrap(), parse(&whole).unwrap());
+        assert_eq!(
+            reassemble(&frags[..2]),
+            Err(PacketError::Truncated("a fragment is missing"))
+        );
+        assert_eq!(
+            reassemble(&[frags[0].clone(), frags[2].clone()]),
+            Err(PacketError::Truncated("a fragment is missing"))
+        );
     }
 
     #[test]
