@@ -310,8 +310,8 @@ impl LbReconciler {
         Ok(stats)
     }
 
-    /// The Service behind each frontend id written by the last reconciliation.
-    pub fn service_ids(&self, compiled: &Compiled) -> Vec<(u32, ferrum_flow::ServiceRef)> {
+    /// Each frontend the last reconciliation wrote, with its datapath id and its Service.
+    pub fn service_frontends(&self, compiled: &Compiled) -> Vec<ferrum_flow::ServiceFrontend> {
         let Some(applied) = &self.applied else {
             return Vec::new();
         };
@@ -323,13 +323,16 @@ impl LbReconciler {
                 // `namespace/name:port`
                 let (ns, rest) = fe.service.split_once('/')?;
                 let name = rest.split(':').next().unwrap_or(rest);
-                Some((
+                Some(ferrum_flow::ServiceFrontend {
                     id,
-                    ferrum_flow::ServiceRef {
+                    addr: key.addr,
+                    port: key.port,
+                    proto: key.proto.number(),
+                    service: ferrum_flow::ServiceRef {
                         name: name.to_string(),
                         namespace: ns.to_string(),
                     },
-                ))
+                })
             })
             .collect()
     }

@@ -268,10 +268,11 @@ pub fn realize_services<D: crate::services::LbDataplane>(
     let stats = lb.reconcile(dataplane, &compiled)?;
     services.dirty = false;
     if let Some(observer) = observer {
-        // Flow records name the Service a translated packet went through.
+        // Flow records name the Service a translated packet went through (requests by
+        // frontend id, replies by the frontend they come from).
         observer
             .directory_mut()
-            .replace_service_ids(lb.service_ids(&compiled));
+            .replace_service_frontends(lb.service_frontends(&compiled));
     }
     if stats != crate::services::LbStats::default() {
         tracing::info!(

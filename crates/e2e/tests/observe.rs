@@ -170,6 +170,12 @@ fn flows_metrics_and_service_map_on_a_live_lab() -> Result<()> {
     })?;
     assert_eq!(translated["destination_service"]["name"], "web-b");
     assert_eq!(translated["destination_service"]["namespace"], "default");
+    // Its replies, translated back to the ClusterIP, come from the Service.
+    let reply = wait_for_flow(&lab, &["--service", "default/web-b"], |f| {
+        f["is_reply"] == true && f["destination"]["pod_name"] == "a"
+    })?;
+    assert_eq!(reply["source_service"]["name"], "web-b");
+    assert_eq!(reply["IP"]["source"], vip.to_string());
 
     // 2. Filters select, and bad ones name the flag.
     for (args, pred) in [

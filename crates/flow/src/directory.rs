@@ -33,6 +33,17 @@ pub struct ServiceInfo {
     pub selector: BTreeMap<String, String>,
 }
 
+/// One Service frontend as the datapath knows it: its id (in events of translated requests)
+/// and its address, port and IP protocol (the source of translated replies).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFrontend {
+    pub id: u32,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub service: ServiceRef,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Objects {
     pods: BTreeMap<(String, String), PodInfo>,
@@ -48,6 +59,9 @@ pub struct Directory {
     pods_by_ip: HashMap<Ipv4Addr, (String, String)>,
     nodes_by_ip: HashMap<Ipv4Addr, String>,
     service_ids: HashMap<u32, ServiceRef>,
+    /// (address, port, IP protocol) of every frontend: replies come from these after the
+    /// datapath translated them back.
+    service_frontends: HashMap<(Ipv4Addr, u16, u8), ServiceRef>,
     policy_rules: HashMap<u32, PolicyRef>,
     identities: HashMap<(String, String), u32>,
 }
@@ -113,9 +127,18 @@ impl Directory {
         self.policy_rules.insert(id, policy);
     }
 
-    /// Every Service frontend id at once (ids of frontends that went are forgotten).
-    pub fn replace_service_ids(&mut self, ids: impl IntoIterator<Item = (u32, ServiceRef)>) {
-        self.service_ids = ids.into_iter().collect();
+    /// Every Service frontend at once (frontends that went are forgotten).
+    pub fn replace_service_frontends(
+        &mut self,
+        frontends: impl IntoIterator<Item = ServiceFrontend>,
+    ) {
+        self.service_ids.clear();
+        self.service_frontends.clear();
+        for fe in frontends {
+            self.service_ids.insert(fe.id, fe.service.clone());
+            self.service_frontends
+                .insert((fe.addr, fe.port, fe.proto), fe.service);
+        }
     }
 
     /// Every policy rule id at once.
@@ -125,6 +148,11 @@ impl Directory {
 
     pub fn service(&self, id: u32) -> Option<ServiceRef> {
         self.service_ids.get(&id).cloned()
+    }
+
+    /// The Service whose frontend is addr:port over `proto` (IP protocol number).
+    pub fn service_at(&self, addr: Ipv4Addr, port: u16, proto: u8) -> Option<ServiceRef> {
+        self.service_frontends.get(&(addr, port, proto)).cloned()
     }
 
     pub fn policy(&self, id: u32) -> Option<PolicyRef> {

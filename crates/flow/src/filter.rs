@@ -130,9 +130,10 @@ impl Filter {
                 })
             })
             && any(&self.service, &|s| {
-                f.destination_service
-                    .as_ref()
-                    .is_some_and(|svc| match s.split_once('/') {
+                [&f.source_service, &f.destination_service]
+                    .into_iter()
+                    .flatten()
+                    .any(|svc| match s.split_once('/') {
                         Some((ns, name)) => svc.namespace == ns && svc.name == name,
                         None => svc.name == s,
                     })
@@ -292,6 +293,20 @@ mod tests {
     fn count(q: &str) -> usize {
         let f = Filter::parse_query(q).unwrap();
         flows().iter().filter(|x| f.matches(x)).count()
+    }
+
+    #[test]
+    fn the_service_filter_also_selects_replies_from_the_service() {
+        let dir = crate::directory::tests::directory();
+        let mut reply = build_flow(&event("TO_ENDPOINT", false), &dir, "node-1");
+        reply.source_service = Some(ServiceRef {
+            name: "web".into(),
+            namespace: "default".into(),
+        });
+        let matches = |q: &str| Filter::parse_query(q).unwrap().matches(&reply);
+        assert!(matches("service=default/web"));
+        assert!(matches("service=web"));
+        assert!(!matches("service=other/web"));
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub fn compact(f: &Flow) -> String {
     let service = f
         .destination_service
         .as_ref()
+        .or(f.source_service.as_ref())
         .map(|s| format!(" via service {}/{}", s.namespace, s.name))
         .unwrap_or_default();
     format!(

@@ -11,7 +11,7 @@ pub mod record;
 pub mod ring;
 pub mod time;
 
-pub use directory::Directory;
+pub use directory::{Directory, ServiceFrontend};
 pub use filter::{Filter, FilterError};
 pub use record::{Endpoint, Flow, FlowEvent, PolicyRef, ServiceRef, Verdict, build_flow};
 pub use ring::FlowRing;

@@ -269,6 +269,10 @@ pub struct Flow {
     pub traffic_direction: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_observation_point: Option<String>,
+    /// The Service a reply comes from: its source is a frontend (the datapath translated it
+    /// back from the backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_service: Option<ServiceRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_service: Option<ServiceRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -347,6 +351,10 @@ pub fn build_flow(ev: &FlowEvent, dir: &Directory, node_name: &str) -> Flow {
     let service = (ev.service_id != 0)
         .then(|| dir.service(ev.service_id))
         .flatten();
+    let source_service = match ev.proto {
+        6 | 17 => dir.service_at(ev.src, ev.sport, ev.proto),
+        _ => None,
+    };
     let policy = (ev.rule_id != 0).then(|| dir.policy(ev.rule_id)).flatten();
     let translated = !ev.drop && (ev.nat.is_some() || service.is_some());
     let verdict = if ev.drop {
@@ -457,6 +465,7 @@ pub fn build_flow(ev: &FlowEvent, dir: &Directory, node_name: &str) -> Flow {
         },
         traffic_direction: if ingress { "INGRESS" } else { "EGRESS" }.into(),
         trace_observation_point: (!ev.drop).then(|| observation_point(&ev.reason).to_string()),
+        source_service,
         destination_service: service,
         egress_allowed_by,
         ingress_allowed_by,
@@ -606,6 +615,49 @@ pub(crate) mod tests {
         // Unknown ids leave the fields empty rather than guessing.
         ev.rule_id = 10;
         assert!(build_flow(&ev, &dir, "node-1").ingress_denied_by.is_empty());
+    }
+
+    #[test]
+    fn replies_from_a_frontend_name_their_service() {
+        let mut dir = crate::directory::tests::directory();
+        let web = ServiceRef {
+            name: "web".into(),
+            namespace: "default".into(),
+        };
+        dir.replace_service_frontends([crate::ServiceFrontend {
+            id: 3,
+            addr: "10.0.0.20".parse().unwrap(),
+            port: 80,
+            proto: 6,
+            service: web.clone(),
+        }]);
+        let mut reply = event("TO_ENDPOINT", false);
+        reply.src = "10.0.0.20".parse().unwrap();
+        reply.sport = 80;
+        reply.is_reply = true;
+        let f = build_flow(&reply, &dir, "node-1");
+        assert_eq!(f.source_service, Some(web.clone()));
+        assert_eq!(f.destination_service, None);
+        let j = serde_json::to_value(&f).unwrap();
+        assert_eq!(j["source_service"]["name"], "web");
+        // Another port, or UDP on the same port, is not that frontend.
+        reply.sport = 81;
+        assert_eq!(build_flow(&reply, &dir, "node-1").source_service, None);
+        reply.sport = 80;
+        reply.proto = 17;
+        assert_eq!(build_flow(&reply, &dir, "node-1").source_service, None);
+        // The request's id resolves too, and a replaced set forgets what went.
+        let mut request = event("TO_ENDPOINT", false);
+        request.service_id = 3;
+        assert_eq!(
+            build_flow(&request, &dir, "node-1").destination_service,
+            Some(web)
+        );
+        dir.replace_service_frontends([]);
+        assert_eq!(
+            build_flow(&request, &dir, "node-1").destination_service,
+            None
+        );
     }
 
     #[test]
