@@ -5,9 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "the demo needs root (network namespaces, BPF)" >&2; exit 1; }
 scripts/install-deps.sh
-cargo build --workspace --bins
-export PATH="$PWD/target/debug:$PATH"
-export FERRUM_LAB=demo
+# The test suite runs this script with the binaries it has just built first on PATH (a test
+# cannot run cargo itself).
+if [ -z "${FERRUM_DEMO_SKIP_BUILD:-}" ]; then
+  cargo build --workspace --bins
+  export PATH="$PWD/target/debug:$PATH"
+fi
+bin_dir=$(dirname "$(command -v ferrum)")
+# The lab's name (the test suite picks its own); the VNet step's short-lived lab is vnet<name>.
+lab=${FERRUM_DEMO_LAB:-demo}
+vlab=vnet$lab
+export FERRUM_LAB=$lab
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # Echo a command the way you would type it (arguments with spaces or shell syntax quoted), then run it.
@@ -49,7 +57,7 @@ wait
 step "Anti-spoofing: a pod sending from an address that is not its own is dropped in from_pod"
 run ferrum exec -n demo client -- sh -c "ip addr add 10.244.0.200/32 dev eth0 && nc -w 1 -s 10.244.0.200 $web0 80; echo exit=\$?" || true
 echo "The node's agent logged the drop with its reason:"
-node0_log=/var/lib/ferrum/labs/demo/nodes/node-0/agent.log
+node0_log=/var/lib/ferrum/labs/$lab/nodes/node-0/agent.log
 grep -i 'drop' "$node0_log" | tail -n 3 || true
 
 step "Flows, on by default: every node records them; ferrum observe merges all nodes by time"
@@ -96,20 +104,22 @@ echo "Shrinking is refused, naming both values:"
 run ferrum lab update --pod-cidr 10.244.0.0/17 || true
 
 step "VNet mode (a second, short-lived lab): pod IPs come from a pod subnet in batches of 16, routed by the fabric without VXLAN"
-ferrum --name vnetdemo lab down >/dev/null 2>&1 || true
-run ferrum --name vnetdemo lab up --nodes 2 --network-plugin-mode vnet --vnet-cidr 10.224.0.0/12 --node-subnet 10.224.0.0/16 --pod-subnet 10.225.0.0/16
-run ferrum --name vnetdemo apply -f examples/demo-pods.yaml
-run ferrum --name vnetdemo get pods -n demo -o wide
+ferrum --name "$vlab" lab down >/dev/null 2>&1 || true
+run ferrum --name "$vlab" lab up --nodes 2 --network-plugin-mode vnet --vnet-cidr 10.224.0.0/12 --node-subnet 10.224.0.0/16 --pod-subnet 10.225.0.0/16
+run ferrum --name "$vlab" apply -f examples/demo-pods.yaml
+run ferrum --name "$vlab" get pods -n demo -o wide
 echo "Each node's NodeNetworkConfig: what it asked the lab's cloud for, and what it was given:"
-run ferrum --name vnetdemo get nnc -A
-vweb1=$(ferrum --name vnetdemo get pods -n demo -o json | python3 -c "import json,sys; print([p['status']['podIP'] for p in json.load(sys.stdin)['items'] if p['metadata']['name']=='web-1'][0])")
-run ferrum --name vnetdemo exec -n demo client -- nc -w 3 "$vweb1" 80
-run ip -n fe-vnetdemo-fabric route show "$vweb1"
-run ferrum --name vnetdemo lab down
+run ferrum --name "$vlab" get nnc -A
+vweb1=$(ferrum --name "$vlab" get pods -n demo -o json | python3 -c "import json,sys; print([p['status']['podIP'] for p in json.load(sys.stdin)['items'] if p['metadata']['name']=='web-1'][0])")
+run ferrum --name "$vlab" exec -n demo client -- nc -w 3 "$vweb1" 80
+vfabric=$(ferrum --name "$vlab" lab status -o json | python3 -c "import json,sys; print(json.load(sys.stdin)['fabric']['netns'])")
+echo "The fabric (the cloud network) routes the pod's address to its node, no tunnel:"
+run ip -n "$vfabric" route show "$vweb1"
+run ferrum --name "$vlab" lab down
 
 step "The lab keeps running. Explore it:"
 cat <<TXT
-  export PATH=$PWD/target/debug:\$PATH FERRUM_LAB=demo
+  export PATH=$bin_dir:\$PATH FERRUM_LAB=$lab
   ferrum get pods -A -o wide
   ferrum exec -n demo client -- ping -c 2 $web1
   ferrum lab status -o json
@@ -117,5 +127,5 @@ cat <<TXT
   ferrum observe -n demo --verdict DROPPED -o json
   nsenter --net=/run/netns/${node0_ns% *} chromium --headless --no-sandbox --screenshot=/tmp/map.png ${metrics_url%metrics}
                                                 # the service map (served on every node)
-Remove it with:  ferrum lab down --name demo
+Remove it with:  ferrum lab down --name $lab
 TXT

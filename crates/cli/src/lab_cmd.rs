@@ -353,6 +353,8 @@ pub fn status(name: &str, args: StatusArgs) -> Result<()> {
                     "socket": paths.cp_socket() },
         "nodes": nodes,
         "external": { "netns": paths.external_netns(), "ip": EXTERNAL_IP.to_string() },
+        // The cloud network: the bridge every node's uplink is on, and its routes.
+        "fabric": { "netns": paths.fabric_netns() },
     });
     match args.output.as_deref() {
         Some("json") => println!("{}", serde_json::to_string_pretty(&doc)?),
@@ -389,6 +391,14 @@ pub fn status(name: &str, args: StatusArgs) -> Result<()> {
                 "-",
                 "-",
                 paths.external_netns()
+            );
+            println!(
+                "fabric     {:<7} {:<15} {:<18} {:<10} {}",
+                "-",
+                "-",
+                "-",
+                "-",
+                paths.fabric_netns()
             );
             println!(
                 "metrics and service map: http://<node ip>:{}/metrics and / inside each node's netns",
