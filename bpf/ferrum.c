@@ -1531,6 +1531,74 @@ __attribute__((noinline)) int ferrum_snat_icmp_error(struct __sk_buff *skb, stru
 	return ICMP_ERROR_TO_POD;
 }
 
+/* ---- VXLAN in BPF ---------------------------------------------------------------------- */
+/* A pod's packet to a pod on another node is encapsulated here and sent straight out of the
+ * uplink, and the uplink decapsulates what other nodes send to local pods: no pass through the
+ * VXLAN device (its route lookup and per-packet tunnel metadata) on the way out, and none
+ * through the stack, the UDP socket and the VXLAN device on the way in. The headers are the
+ * kernel's own VXLAN (RFC 7348, same port and VNI), so the VXLAN device still takes whatever
+ * this path leaves to it: the node's own traffic, and packets this path does not handle. */
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7) /* kernel 6.3; older uapi headers lack it */
+#endif
+#define VXLAN_FLAG_VNI 0x08000000 /* the I flag: the VNI is valid */
+#define VXLAN_SPORT_MIN 32768	  /* source ports spread flows over ECMP paths, */
+#define VXLAN_SPORT_RANGE 28232	  /* over the kernel's default ephemeral range */
+#define IP_FRAG_ANY 0x3fff	  /* MF or an offset */
+
+struct vxlan_encap {
+	struct iphdr ip;
+	struct udphdr udp;
+	__be32 vx_flags;
+	__be32 vx_vni;
+	struct ethhdr inner;
+};
+/* The headers put in front of the frame's own: the struct's tail padding is not. */
+#define VXLAN_ENCAP_LEN 50
+_Static_assert(offsetof(struct vxlan_encap, inner) + sizeof(struct ethhdr) == VXLAN_ENCAP_LEN,
+	       "VXLAN encapsulation layout");
+
+/* Wraps the frame in outer IPv4/UDP/VXLAN headers from this node to `tunnel_endpoint` (network
+ * order) and sends it out of the uplink (the kernel resolves the next hop). GSO packets keep
+ * their segment size (the pod MTU leaves room for the headers) and are segmented as UDP
+ * tunnel packets. Global, like the policy stage: its frame stays off from_pod's stack.
+ * Returns the verdict, or -1 when the packet cannot be encapsulated here (nothing changed). */
+__attribute__((noinline)) int ferrum_vxlan_encap(struct __sk_buff *skb, __u32 tunnel_endpoint,
+						 __u32 flow_hash)
+{
+	struct ferrum_config *cfg = config();
+	struct vxlan_encap h = {};
+	__u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+		      BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+		      BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
+	__u32 outer_len = skb->len - ETH_HLEN + VXLAN_ENCAP_LEN;
+
+	if (!cfg || !cfg->uplink_ifindex || !cfg->node_ip || outer_len > 0xffff)
+		return -1;
+	if (bpf_skb_load_bytes(skb, 0, &h.inner, ETH_HLEN) < 0)
+		return -1;
+	if (bpf_skb_adjust_room(skb, VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC, flags) < 0)
+		return -1;
+	h.ip.version = 4;
+	h.ip.ihl = 5;
+	h.ip.tot_len = bpf_htons(outer_len);
+	h.ip.id = (__u16)bpf_get_prandom_u32();
+	h.ip.ttl = TUNNEL_TTL;
+	h.ip.protocol = IPPROTO_UDP;
+	h.ip.saddr = cfg->node_ip;
+	h.ip.daddr = tunnel_endpoint;
+	h.ip.check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
+	h.udp.source = bpf_htons(VXLAN_SPORT_MIN + flow_hash % VXLAN_SPORT_RANGE);
+	h.udp.dest = bpf_htons(FERRUM_VXLAN_PORT);
+	h.udp.len = bpf_htons(outer_len - sizeof(struct iphdr));
+	/* No UDP checksum (RFC 7348 allows zero over IPv4): the inner packet carries its own. */
+	h.vx_flags = bpf_htonl(VXLAN_FLAG_VNI);
+	h.vx_vni = bpf_htonl(cfg->vni << 8);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, VXLAN_ENCAP_LEN, 0) < 0)
+		return drop(skb, FERRUM_DROP_ENCAP_FAILED, NULL);
+	return bpf_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
+}
+
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
@@ -1605,9 +1673,17 @@ route:
 	peer = bpf_map_lookup_elem(&ferrum_ipcache, &key);
 	if (peer && peer->tunnel_endpoint) {
 		__u32 tunnel = peer->tunnel_endpoint;
-		if (!cfg->overlay_ifindex || set_tunnel(skb, cfg, tunnel) < 0)
+		if (!cfg->overlay_ifindex)
 			return drop(skb, FERRUM_DROP_ENCAP_FAILED, &f);
 		trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, &f, tunnel, 0, 0);
+		rc = ferrum_vxlan_encap(skb, tunnel,
+					mix32(f.saddr ^ mix32(f.daddr ^ (((__u32)f.sport << 16) |
+									 f.dport))));
+		if (rc >= 0)
+			return rc;
+		/* Not here (say, a frame too large to wrap): the VXLAN device does it. */
+		if (set_tunnel(skb, cfg, tunnel) < 0)
+			return drop(skb, FERRUM_DROP_ENCAP_FAILED, &f);
 		return bpf_redirect(cfg->overlay_ifindex, 0);
 	}
 	/* VNet mode: remote pods and nodes are on the underlay, which routes them natively. */
@@ -1648,6 +1724,36 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct ferrum_
 	if (is_icmp_error(f) && ferrum_lb_icmp_error(skb, f) < 0)
 		return drop(skb, FERRUM_DROP_REWRITE_FAILED, f);
 	return to_endpoint(skb, cfg, ep, f);
+}
+
+/* Decapsulates a VXLAN packet from another node (its outer IPv4 header without options, UDP to
+ * this node's VXLAN port) when it is for a pod of this node; returns 0 then, and the caller
+ * delivers it as from_overlay would. Anything else (another VNI, an outer fragment, an inner
+ * destination that is not a local pod) is left to the VXLAN device: returns 1, nothing
+ * changed. Global: its frame stays off from_uplink's. */
+__attribute__((noinline)) int ferrum_vxlan_decap(struct __sk_buff *skb)
+{
+	struct ferrum_config *cfg = config();
+	__u32 vxlan_off = ETH_HLEN + sizeof(struct iphdr) + sizeof(struct udphdr);
+	__be32 vx[2], inner_daddr;
+	__be16 frag_off, inner_proto;
+
+	if (!cfg ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct iphdr, frag_off), &frag_off, 2) < 0 ||
+	    bpf_skb_load_bytes(skb, vxlan_off, vx, sizeof(vx)) < 0 ||
+	    bpf_skb_load_bytes(skb, vxlan_off + 8 + offsetof(struct ethhdr, h_proto), &inner_proto,
+			       2) < 0 ||
+	    bpf_skb_load_bytes(skb, vxlan_off + 8 + ETH_HLEN + offsetof(struct iphdr, daddr),
+			       &inner_daddr, 4) < 0)
+		return 1;
+	if ((frag_off & bpf_htons(IP_FRAG_ANY)) || !(vx[0] & bpf_htonl(VXLAN_FLAG_VNI)) ||
+	    vx[1] != bpf_htonl(cfg->vni << 8) || inner_proto != bpf_htons(ETH_P_IP) ||
+	    !bpf_map_lookup_elem(&ferrum_endpoints, &inner_daddr))
+		return 1;
+	if (bpf_skb_adjust_room(skb, -VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) < 0)
+		return 1;
+	return 0;
 }
 
 /* tcx ingress on the VXLAN device: decapsulated packets from other nodes. */
@@ -1923,6 +2029,7 @@ int from_uplink(struct __sk_buff *skb)
 	struct flow f = {};
 	__u32 pod_addr;
 	__u16 pod_port;
+	int decapsulated = 0;
 
 	if (!cfg || !cfg->node_ip)
 		return TC_ACT_OK;
@@ -1943,23 +2050,32 @@ int from_uplink(struct __sk_buff *skb)
 	}
 	if (!f.has_ports)
 		return TC_ACT_OK;
-	/* The overlay's own datagrams, the bulk of what arrives here: straight to the VXLAN
-	 * socket, no Service or NAT lookups. */
+	/* The overlay's own datagrams, the bulk of what arrives here: no Service or NAT lookups.
+	 * Those for local pods are decapsulated and delivered below; the rest go to the VXLAN
+	 * device. */
 	if (cfg->overlay_ifindex && f.proto == IPPROTO_UDP && f.daddr == cfg->node_ip &&
-	    f.dport == bpf_htons(FERRUM_VXLAN_PORT))
-		return TC_ACT_OK;
-	/* NodePorts, LoadBalancer IPs and externalIPs reached from outside the cluster. */
-	if (lb_proto(&f)) {
+	    f.dport == bpf_htons(FERRUM_VXLAN_PORT)) {
+		if (f.l4_off != ETH_HLEN + sizeof(struct iphdr) || ferrum_vxlan_decap(skb) != 0)
+			return TC_ACT_OK;
+		if (parse_ipv4(skb, &f) < 0)
+			return drop(skb, FERRUM_DROP_MALFORMED, NULL);
+		decapsulated = 1;
+	} else if (lb_proto(&f)) {
+		/* NodePorts, LoadBalancer IPs and externalIPs reached from outside the cluster. */
 		int rc = lb_from_uplink(skb, cfg, &f);
 		if (rc != LB_CONTINUE)
 			return rc;
 	}
-	/* VNet mode: other nodes' pods reach local pods natively over the underlay; Service
-	 * replies from backends on other nodes come back this way too. */
-	if (!cfg->overlay_ifindex) {
+	/* Decapsulated packets for local pods, and in VNet mode what other nodes' pods send to
+	 * local pods natively over the underlay (Service replies from backends on other nodes
+	 * come back this way too). */
+	if (decapsulated || !cfg->overlay_ifindex) {
 		int rc = from_node(skb, cfg, &f);
 		if (rc != LB_CONTINUE)
 			return rc;
+		/* Its pod left between the decision to decapsulate and now. */
+		if (decapsulated)
+			return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, &f);
 	}
 	if (f.daddr != cfg->node_ip)
 		return TC_ACT_OK;

@@ -115,10 +115,14 @@ fn remote_backend_goes_through_the_overlay_and_its_reply_is_translated_on_arriva
     f.service(internal(53, PROTO_UDP), 4, &[sa(REMOTE_POD, 5353)])?;
     let q = packet::udp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 33000), sa(VIP, 53), b"q", true);
     let out = f.dp.test_run(Program::FromPod, &q, f.veth_a, 1)?;
-    assert_eq!(out.retval, TC_ACT_REDIRECT, "to the overlay device");
-    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        out.retval, TC_ACT_REDIRECT,
+        "wrapped in VXLAN, out of the uplink"
+    );
+    let (_, _, inner) = packet::vxlan_inner(&out.frame)?;
+    let p = packet::parse(&inner)?;
     assert_eq!((p.dst, p.dport), (REMOTE_POD, 5353));
-    packet::verify_checksums(&out.frame)?;
+    packet::verify_checksums(&inner)?;
     assert!(f.reasons().contains(&(EventKind::Trace, Reason::ToOverlay)));
 
     // The reply arrives decapsulated on the overlay device.
@@ -205,7 +209,7 @@ fn backend_icmp_errors_reach_the_client_from_the_frontend() -> Result<()> {
         let out = f.dp.test_run(Program::FromPod, &q, f.veth_a, 1)?;
         assert_eq!(out.retval, TC_ACT_REDIRECT);
         // What the backend received, quoted whole in its port unreachable.
-        let icmp = packet::icmp_error(3, 3, [0; 4], &out.frame[14..]);
+        let icmp = packet::icmp_error(3, 3, [0; 4], &packet::decapsulated(&out.frame)[14..]);
         let error = packet::ethernet(
             HOST_MAC_B,
             MAC_B,
@@ -276,7 +280,10 @@ fn fragmented_datagrams_are_translated_whole_both_ways() -> Result<()> {
     );
     let frags = packet::fragment(&q, 0x4242, 1400);
     assert_eq!(frags.len(), 3);
-    let out = run_fragments(&mut f, Program::FromPod, &frags)?;
+    let out: Vec<Vec<u8>> = run_fragments(&mut f, Program::FromPod, &frags)?
+        .iter()
+        .map(|frame| packet::decapsulated(frame))
+        .collect();
     for frame in &out {
         let p = packet::parse(frame)?;
         assert_eq!(
@@ -330,7 +337,7 @@ fn a_flow_sticks_to_its_backend_and_new_flows_spread_randomly() -> Result<()> {
     let run = |f: &mut Fixture, sport: u16| -> Result<SocketAddrV4> {
         let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
         let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
-        let p = packet::parse(&out.frame)?;
+        let p = packet::parse(&packet::decapsulated(&out.frame))?;
         Ok(sa(p.dst, p.dport))
     };
     let first = run(&mut f, 40000)?;
@@ -378,7 +385,9 @@ fn the_protocol_is_part_of_the_key() -> Result<()> {
     let udp = packet::udp_frame(MAC_A, HOST_MAC_A, sa(POD_A, 40000), sa(VIP, 53), b"", true);
     let p = packet::parse(&f.dp.test_run(Program::FromPod, &tcp, f.veth_a, 1)?.frame)?;
     assert_eq!((p.dst, p.dport), (POD_B, 1053));
-    let p = packet::parse(&f.dp.test_run(Program::FromPod, &udp, f.veth_a, 1)?.frame)?;
+    let p = packet::parse(&packet::decapsulated(
+        &f.dp.test_run(Program::FromPod, &udp, f.veth_a, 1)?.frame,
+    ))?;
     assert_eq!((p.dst, p.dport), (REMOTE_POD, 2053));
     Ok(())
 }
@@ -705,12 +714,16 @@ fn maglev_picks_by_flow_hash_so_a_flow_maps_to_the_same_backend_without_conntrac
     let mut seen = BTreeSet::new();
     for sport in 42000..42040 {
         let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
-        let first = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        let first = packet::parse(&packet::decapsulated(
+            &f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame,
+        ))?;
         // Forget the connection: Maglev alone must send the flow to the same backend.
         for ct in f.dp.lb_conntrack()? {
             f.dp.remove_lb_conntrack(&ct)?;
         }
-        let again = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        let again = packet::parse(&packet::decapsulated(
+            &f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame,
+        ))?;
         assert_eq!(
             (first.dst, first.dport),
             (again.dst, again.dport),
@@ -730,7 +743,9 @@ fn maglev_picks_by_flow_hash_so_a_flow_maps_to_the_same_backend_without_conntrac
     }
     for sport in 43000..43010 {
         let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
-        let p = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        let p = packet::parse(&packet::decapsulated(
+            &f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame,
+        ))?;
         assert_eq!(sa(p.dst, p.dport), backends[1]);
     }
     Ok(())
@@ -754,7 +769,9 @@ fn session_affinity_sends_every_new_flow_of_a_client_to_the_same_backend() -> Re
     let mut seen = BTreeSet::new();
     for sport in 44000..44020 {
         let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
-        let p = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        let p = packet::parse(&packet::decapsulated(
+            &f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame,
+        ))?;
         seen.insert(sa(p.dst, p.dport));
     }
     assert_eq!(seen.len(), 1, "20 connections of one client: {seen:?}");
@@ -774,7 +791,9 @@ fn session_affinity_sends_every_new_flow_of_a_client_to_the_same_backend() -> Re
     let mut seen = BTreeSet::new();
     for sport in 45000..45040 {
         let frame = packet::tcp_frame(MAC_A, HOST_MAC_A, sa(POD_A, sport), sa(VIP, 80), b"");
-        let p = packet::parse(&f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame)?;
+        let p = packet::parse(&packet::decapsulated(
+            &f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?.frame,
+        ))?;
         seen.insert(sa(p.dst, p.dport));
     }
     assert!(seen.len() > 1);

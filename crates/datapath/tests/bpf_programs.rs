@@ -85,11 +85,20 @@ fn remote_pod_traffic_is_encapsulated_toward_the_owning_node() -> Result<()> {
         true,
     );
     let out = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
-    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "out of the uplink");
+    // Wrapped in VXLAN here: node to node, the overlay's port and VNI, the frame untouched.
+    packet::verify_checksums(&out.frame)?;
+    let (outer, vni, inner) = packet::vxlan_inner(&out.frame)?;
     assert_eq!(
-        out.frame, frame,
-        "encap decision does not touch the inner frame"
+        (outer.src, outer.dst, outer.proto, outer.dport, vni),
+        (NODE_IP, REMOTE_NODE, 17, 8472, 42)
     );
+    assert!((32768..61000).contains(&outer.sport), "{}", outer.sport);
+    assert_eq!(inner, frame, "the inner frame is the pod's own");
+    // Another flow to the same node may take another source port (ECMP entropy); the same
+    // flow always the same.
+    let again = f.dp.test_run(Program::FromPod, &frame, f.veth_a, 1)?;
+    assert_eq!(packet::vxlan_inner(&again.frame)?.0.sport, outer.sport);
     let events = f.events();
     let trace = events
         .iter()
@@ -238,6 +247,68 @@ fn from_overlay_delivers_to_local_pods_and_passes_the_rest() -> Result<()> {
     let out = f.dp.test_run(Program::FromOverlay, &to_node, f.veth_b, 1)?;
     assert_eq!(out.retval, TC_ACT_OK);
     assert_eq!(out.frame, to_node);
+    Ok(())
+}
+
+/// The uplink decapsulates VXLAN packets for local pods and delivers them as from_overlay does;
+/// what it does not handle reaches the VXLAN device unchanged.
+#[test]
+fn from_uplink_decapsulates_vxlan_for_local_pods_and_leaves_the_rest() -> Result<()> {
+    let mut f = fixture()?;
+    let inner = |dst: Ipv4Addr| {
+        packet::tcp_frame(
+            [2, 0, 0, 0, 0, 9],
+            [2, 0, 0, 0, 0, 8],
+            sa(REMOTE_POD, 3333),
+            sa(dst, 80),
+            b"data",
+        )
+    };
+    let wrapped = |vni: u32, inner: &[u8]| {
+        packet::vxlan_frame(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            sa(REMOTE_NODE, 40000),
+            sa(NODE_IP, 8472),
+            vni,
+            inner,
+        )
+    };
+    let out = f.dp.test_run(
+        Program::FromUplink,
+        &wrapped(42, &inner(POD_B)),
+        f.veth_b,
+        1,
+    )?;
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "into the pod");
+    packet::verify_checksums(&out.frame)?;
+    let p = packet::parse(&out.frame)?;
+    assert_eq!(
+        (p.src, p.dst, p.sport, p.dport),
+        (REMOTE_POD, POD_B, 3333, 80)
+    );
+    assert_eq!((p.eth_dst, p.eth_src), (MAC_B, HOST_MAC_B));
+    assert_eq!(
+        out.frame[14..],
+        inner(POD_B)[14..],
+        "the inner packet untouched"
+    );
+    assert!(f.events().iter().any(|e| e.reason == Reason::ToEndpoint));
+
+    // Another VNI, an inner destination that is no local pod, an outer fragment: the VXLAN
+    // device's.
+    let mut fragment = wrapped(42, &inner(POD_B));
+    fragment[14 + 6] |= 0x20; // more fragments
+    for frame in [
+        wrapped(7, &inner(POD_B)),
+        wrapped(42, &inner(NODE_IP)),
+        wrapped(42, &inner(Ipv4Addr::new(10, 1, 0, 99))),
+        fragment,
+    ] {
+        let out = f.dp.test_run(Program::FromUplink, &frame, f.veth_b, 1)?;
+        assert_eq!(out.retval, TC_ACT_OK);
+        assert_eq!(out.frame, frame);
+    }
     Ok(())
 }
 

@@ -37,6 +37,29 @@ fn udp_ask(netns: &Path, ip: Ipv4Addr, port: u16) -> Result<String> {
     })?
 }
 
+/// (received, sent) packets of a node's VXLAN device.
+fn vxlan_device_packets(lab: &Lab, node: &str) -> Result<(u64, u64)> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &lab.paths.node_netns(node),
+            "-s",
+            "-j",
+            "link",
+            "show",
+            "ferrum_vxlan",
+        ])
+        .output()
+        .context("ip -s link show ferrum_vxlan")?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("ip -j output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let stats = &links[0]["stats64"];
+    Ok((
+        stats["rx"]["packets"].as_u64().context("rx packets")?,
+        stats["tx"]["packets"].as_u64().context("tx packets")?,
+    ))
+}
+
 #[test]
 fn pods_reach_each_other_on_one_node_and_across_nodes() -> Result<()> {
     let lab = Lab::up(2, &[])?;
@@ -59,10 +82,23 @@ fn pods_reach_each_other_on_one_node_and_across_nodes() -> Result<()> {
     // Same node: redirected veth to veth.
     assert_eq!(tcp_read(&a_ns, b, 80)?, "b\n");
     assert_eq!(udp_ask(&a_ns, b, 53)?.trim(), "b");
-    // Across nodes: VXLAN, both directions.
+    // Across nodes: VXLAN, both directions, wrapped and unwrapped by the eBPF programs: the
+    // VXLAN devices carry none of it.
+    let devices_before = [
+        vxlan_device_packets(&lab, "node-0")?,
+        vxlan_device_packets(&lab, "node-1")?,
+    ];
     assert_eq!(tcp_read(&a_ns, c, 80)?, "c\n");
     assert_eq!(tcp_read(&c_ns, a, 80)?, "a\n");
     assert_eq!(udp_ask(&c_ns, b, 53)?.trim(), "b");
+    assert_eq!(
+        [
+            vxlan_device_packets(&lab, "node-0")?,
+            vxlan_device_packets(&lab, "node-1")?,
+        ],
+        devices_before,
+        "pod traffic went through a VXLAN device"
+    );
     // Node to its own pods and to pods on other nodes.
     assert_eq!(tcp_read(&lab.node_netns("node-0"), a, 80)?, "a\n");
     assert_eq!(tcp_read(&lab.node_netns("node-0"), c, 80)?, "c\n");

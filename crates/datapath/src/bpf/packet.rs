@@ -319,6 +319,56 @@ pub fn reassemble(fragments: &[Vec<u8>]) -> Result<Vec<u8>, PacketError> {
     Ok(out)
 }
 
+/// VXLAN (RFC 7348) over IPv4 and UDP, as the kernel's VXLAN device and the datapath send it.
+pub const VXLAN_HLEN: usize = 8;
+const VXLAN_FLAG_VNI: u8 = 0x08;
+
+/// A VXLAN packet carrying `inner` (a whole Ethernet frame) for `vni`, from src to dst (UDP
+/// checksum 0, as the datapath sends it).
+pub fn vxlan_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut payload = vec![VXLAN_FLAG_VNI, 0, 0, 0];
+    payload.extend_from_slice(&(vni << 8).to_be_bytes());
+    payload.extend_from_slice(inner);
+    let dgram = udp(src, dst, &payload, false);
+    ethernet(
+        dst_mac,
+        src_mac,
+        ETH_P_IP,
+        &ipv4(*src.ip(), *dst.ip(), PROTO_UDP, &dgram),
+    )
+}
+
+/// Splits a VXLAN frame: its outer headers as parsed, the VNI, and the inner Ethernet frame.
+pub fn vxlan_inner(frame: &[u8]) -> Result<(Parsed, u32, Vec<u8>), PacketError> {
+    let outer = parse(frame)?;
+    let (l4, end) = l4_bounds(frame)?;
+    if outer.proto != PROTO_UDP || end < l4 + 8 + VXLAN_HLEN + ETH_HLEN {
+        return Err(PacketError::Truncated("VXLAN header"));
+    }
+    let vx = &frame[l4 + 8..l4 + 8 + VXLAN_HLEN];
+    if vx[0] & VXLAN_FLAG_VNI == 0 {
+        return Err(PacketError::Truncated("VXLAN VNI flag"));
+    }
+    let vni = u32::from_be_bytes([0, vx[4], vx[5], vx[6]]);
+    Ok((outer, vni, frame[l4 + 8 + VXLAN_HLEN..end].to_vec()))
+}
+
+/// The frame a pod would receive: a VXLAN packet's inner frame (UDP to port 8472), any other
+/// frame as it is.
+pub fn decapsulated(frame: &[u8]) -> Vec<u8> {
+    match vxlan_inner(frame) {
+        Ok((outer, _, inner)) if outer.dport == 8472 => inner,
+        _ => frame.to_vec(),
+    }
+}
+
 /// The fields of a frame that tests look at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
@@ -507,6 +557,27 @@ mod tests {
         assert_eq!(
             reassemble(&[frags[0].clone(), frags[2].clone()]),
             Err(PacketError::Truncated("a fragment is missing"))
+        );
+    }
+
+    #[test]
+    fn vxlan_frames_carry_the_inner_frame_and_vni() {
+        let inner = udp_frame(A, B, sa("10.1.0.5:5000"), sa("10.1.1.7:53"), b"q", true);
+        let outer = vxlan_frame(
+            A,
+            B,
+            sa("10.224.0.10:40000"),
+            sa("10.224.0.11:8472"),
+            42,
+            &inner,
+        );
+        verify_checksums(&outer).unwrap();
+        let (p, vni, got) = vxlan_inner(&outer).unwrap();
+        assert_eq!((p.dport, vni), (8472, 42));
+        assert_eq!(got, inner);
+        assert!(
+            vxlan_inner(&inner).is_err(),
+            "a plain UDP datagram is no VXLAN packet"
         );
     }
 
