@@ -1599,6 +1599,26 @@ __attribute__((noinline)) int ferrum_vxlan_encap(struct __sk_buff *skb, __u32 tu
 	return bpf_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
 }
 
+/* A packet for a pod on another node: wrapped in eBPF and sent out of the uplink, or, where that
+ * cannot be done, handed to the VXLAN device with its tunnel key. */
+static __always_inline int to_remote_node(struct __sk_buff *skb, const struct ferrum_config *cfg,
+					  const struct flow *f, __u32 tunnel)
+{
+	int rc;
+
+	if (!cfg->overlay_ifindex)
+		return drop(skb, FERRUM_DROP_ENCAP_FAILED, f);
+	trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, f, tunnel, 0, 0);
+	rc = ferrum_vxlan_encap(skb, tunnel,
+				mix32(f->saddr ^ mix32(f->daddr ^ (((__u32)f->sport << 16) | f->dport))));
+	if (rc >= 0)
+		return rc;
+	/* Not here (say, a frame too large to wrap): the VXLAN device does it. */
+	if (set_tunnel(skb, cfg, tunnel) < 0)
+		return drop(skb, FERRUM_DROP_ENCAP_FAILED, f);
+	return bpf_redirect(cfg->overlay_ifindex, 0);
+}
+
 /* tcx ingress on every host-side pod veth: packets leaving a pod. */
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
@@ -1671,21 +1691,8 @@ route:
 	key.prefixlen = 32;
 	key.addr = f.daddr;
 	peer = bpf_map_lookup_elem(&ferrum_ipcache, &key);
-	if (peer && peer->tunnel_endpoint) {
-		__u32 tunnel = peer->tunnel_endpoint;
-		if (!cfg->overlay_ifindex)
-			return drop(skb, FERRUM_DROP_ENCAP_FAILED, &f);
-		trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, &f, tunnel, 0, 0);
-		rc = ferrum_vxlan_encap(skb, tunnel,
-					mix32(f.saddr ^ mix32(f.daddr ^ (((__u32)f.sport << 16) |
-									 f.dport))));
-		if (rc >= 0)
-			return rc;
-		/* Not here (say, a frame too large to wrap): the VXLAN device does it. */
-		if (set_tunnel(skb, cfg, tunnel) < 0)
-			return drop(skb, FERRUM_DROP_ENCAP_FAILED, &f);
-		return bpf_redirect(cfg->overlay_ifindex, 0);
-	}
+	if (peer && peer->tunnel_endpoint)
+		return to_remote_node(skb, cfg, &f, peer->tunnel_endpoint);
 	/* VNet mode: remote pods and nodes are on the underlay, which routes them natively. */
 	if (peer && (peer->kind == FERRUM_KIND_REMOTE_POD_BLOCK ||
 		     peer->kind == FERRUM_KIND_REMOTE_NODE)) {
@@ -2008,13 +2015,8 @@ static __always_inline int lb_from_uplink(struct __sk_buff *skb, const struct fe
 	key.prefixlen = 32;
 	key.addr = f->daddr;
 	peer = bpf_map_lookup_elem(&ferrum_ipcache, &key);
-	if (peer && peer->tunnel_endpoint) {
-		__u32 tunnel = peer->tunnel_endpoint;
-		if (!cfg->overlay_ifindex || set_tunnel(skb, cfg, tunnel) < 0)
-			return drop(skb, FERRUM_DROP_ENCAP_FAILED, f);
-		trace(skb, cfg, FERRUM_TRACE_TO_OVERLAY, f, tunnel, 0, 0);
-		return bpf_redirect(cfg->overlay_ifindex, 0);
-	}
+	if (peer && peer->tunnel_endpoint)
+		return to_remote_node(skb, cfg, f, peer->tunnel_endpoint);
 	return drop(skb, FERRUM_DROP_UNKNOWN_ENDPOINT, f);
 }
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bpf_support::node::{
-    self, Fixture, HOST_MAC_A, HOST_MAC_B, MAC_A, MAC_B, NODE_IP, POD_A, POD_B, REMOTE_POD, sa,
+    self, Fixture, HOST_MAC_A, HOST_MAC_B, MAC_A, MAC_B, NODE_IP, POD_A, POD_B, REMOTE_NODE,
+    REMOTE_POD, sa,
 };
 use ferrum_datapath::bpf::packet::{self, Mac, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use ferrum_datapath::bpf::{
@@ -513,10 +514,15 @@ fn node_port_with_cluster_policy_masquerades_and_replies_leave_by_the_uplink() -
         out.retval, TC_ACT_REDIRECT,
         "tunnelled to the backend's node"
     );
-    let p = packet::parse(&out.frame)?;
+    let (outer, _, inner) = packet::vxlan_inner(&out.frame)?;
+    assert_eq!(
+        outer.dst, REMOTE_NODE,
+        "wrapped in VXLAN to the backend's node"
+    );
+    let p = packet::parse(&inner)?;
     assert_eq!((p.src, p.dst, p.dport), (NODE_IP, REMOTE_POD, 8080));
     assert!((61000..=65535).contains(&p.sport), "SNAT port {}", p.sport);
-    packet::verify_checksums(&out.frame)?;
+    packet::verify_checksums(&inner)?;
     let nat_port = p.sport;
     assert_eq!(
         f.dp.lb_reverse(PROTO_TCP, sa(REMOTE_POD, 8080), sa(NODE_IP, nat_port))?,
