@@ -1022,6 +1022,22 @@ static __always_inline __u16 csum_fold32(__u32 s)
 	return (__u16)~s;
 }
 
+/* Completes an IPv4 header without options that the caller zeroed (and gave a tos or id, if it
+ * wants them): version, length, TTL, protocol, addresses, then the checksum over all of it. */
+static __always_inline void ipv4_header_fill(struct iphdr *ip, __u8 proto, __u32 saddr,
+					     __u32 daddr, __u16 tot_len, __u8 ttl)
+{
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tot_len = bpf_htons(tot_len);
+	ip->ttl = ttl;
+	ip->protocol = proto;
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	ip->check = 0;
+	ip->check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)ip, sizeof(*ip), 0));
+}
+
 /* Reply of a balanced flow (backend -> client): the source becomes the frontend again, and a
  * client whose address was replaced (hairpin, masquerade) gets it back as the destination.
  * Returns -1 on a failed rewrite, 1 when the client is outside the cluster (the caller sends
@@ -1101,15 +1117,9 @@ static __always_inline int lb_reject(struct __sk_buff *skb, const struct ferrum_
 	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(ip) + sizeof(icmp) + sizeof(quoted), 0) < 0)
 		return TC_ACT_SHOT;
 
-	ip.version = 4;
-	ip.ihl = 5;
 	ip.tos = 0xc0;
-	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(icmp) + sizeof(quoted));
-	ip.ttl = 64;
-	ip.protocol = IPPROTO_ICMP;
-	ip.saddr = f->daddr;
-	ip.daddr = f->saddr;
-	ip.check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+	ipv4_header_fill(&ip, IPPROTO_ICMP, f->daddr, f->saddr,
+			 sizeof(ip) + sizeof(icmp) + sizeof(quoted), 64);
 	icmp.type = ICMP_DEST_UNREACH;
 	icmp.code = ICMP_PORT_UNREACH;
 	sum = bpf_csum_diff(NULL, 0, (__be32 *)&icmp, sizeof(icmp), 0);
@@ -1544,7 +1554,6 @@ __attribute__((noinline)) int ferrum_snat_icmp_error(struct __sk_buff *skb, stru
 #define VXLAN_FLAG_VNI 0x08000000 /* the I flag: the VNI is valid */
 #define VXLAN_SPORT_MIN 32768	  /* source ports spread flows over ECMP paths, */
 #define VXLAN_SPORT_RANGE 28232	  /* over the kernel's default ephemeral range */
-#define IP_FRAG_ANY 0x3fff	  /* MF or an offset */
 
 struct vxlan_encap {
 	struct iphdr ip;
@@ -1579,15 +1588,8 @@ __attribute__((noinline)) int ferrum_vxlan_encap(struct __sk_buff *skb, __u32 tu
 		return -1;
 	if (bpf_skb_adjust_room(skb, VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC, flags) < 0)
 		return -1;
-	h.ip.version = 4;
-	h.ip.ihl = 5;
-	h.ip.tot_len = bpf_htons(outer_len);
 	h.ip.id = (__u16)bpf_get_prandom_u32();
-	h.ip.ttl = TUNNEL_TTL;
-	h.ip.protocol = IPPROTO_UDP;
-	h.ip.saddr = cfg->node_ip;
-	h.ip.daddr = tunnel_endpoint;
-	h.ip.check = csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
+	ipv4_header_fill(&h.ip, IPPROTO_UDP, cfg->node_ip, tunnel_endpoint, outer_len, TUNNEL_TTL);
 	h.udp.source = bpf_htons(VXLAN_SPORT_MIN + flow_hash % VXLAN_SPORT_RANGE);
 	h.udp.dest = bpf_htons(FERRUM_VXLAN_PORT);
 	h.udp.len = bpf_htons(outer_len - sizeof(struct iphdr));
@@ -1753,7 +1755,7 @@ __attribute__((noinline)) int ferrum_vxlan_decap(struct __sk_buff *skb)
 	    bpf_skb_load_bytes(skb, vxlan_off + 8 + ETH_HLEN + offsetof(struct iphdr, daddr),
 			       &inner_daddr, 4) < 0)
 		return 1;
-	if ((frag_off & bpf_htons(IP_FRAG_ANY)) || !(vx[0] & bpf_htonl(VXLAN_FLAG_VNI)) ||
+	if ((frag_off & bpf_htons(IP_FRAG_MF | IP_FRAG_OFFSET)) || !(vx[0] & bpf_htonl(VXLAN_FLAG_VNI)) ||
 	    vx[1] != bpf_htonl(cfg->vni << 8) || inner_proto != bpf_htons(ETH_P_IP) ||
 	    !bpf_map_lookup_elem(&ferrum_endpoints, &inner_daddr))
 		return 1;

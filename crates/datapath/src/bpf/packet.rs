@@ -360,11 +360,11 @@ pub fn vxlan_inner(frame: &[u8]) -> Result<(Parsed, u32, Vec<u8>), PacketError> 
     Ok((outer, vni, frame[l4 + 8 + VXLAN_HLEN..end].to_vec()))
 }
 
-/// The frame a pod would receive: a VXLAN packet's inner frame (UDP to port 8472), any other
-/// frame as it is.
+/// The frame a pod would receive: a VXLAN packet's inner frame (UDP to the overlay's port), any
+/// other frame as it is.
 pub fn decapsulated(frame: &[u8]) -> Vec<u8> {
     match vxlan_inner(frame) {
-        Ok((outer, _, inner)) if outer.dport == 8472 => inner,
+        Ok((outer, _, inner)) if outer.dport == super::VXLAN_PORT => inner,
         _ => frame.to_vec(),
     }
 }
